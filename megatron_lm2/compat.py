@@ -1,0 +1,127 @@
+"""Run Megatron-core on a CPU-only machine (gloo), and only there.
+
+Megatron-core assumes CUDA: it asks for `torch.cuda.current_device()`, seeds the CUDA RNG,
+allocates buffers with `device="cuda"` and checks `tensor.type() == "torch.cuda.FloatTensor"`.
+`enable_cpu_compat()` redirects exactly those calls to the CPU. It does nothing when CUDA is
+available, so it can never change behaviour on a GPU machine. Each patch names the
+Megatron-core call that needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_enabled = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream / Event: DDP grad sync (param_and_grad_buffer) and the
+    pipeline p2p code call `torch.cuda.current_stream()`, `.wait_stream()`, `.record()`."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def query(self):
+        return True
+
+
+def _to_cpu_device(device):
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites literal CUDA devices in tensor factories and `.to()`: schedules.py
+    (`torch.zeros([], device="cuda")` for the loss), optimizer/clip_grads.py and
+    grad_scaler.py (`device="cuda"` buffers) and dist_checkpointing's exchange buffers."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if (
+            func is torch.Tensor.to
+            and len(args) > 1
+            and isinstance(args[1], (str, torch.device, int))
+            and not isinstance(args[1], bool)
+        ):
+            args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CPU patches if CUDA is absent. Idempotent. Returns True if installed."""
+    global _enabled
+    if _enabled:
+        return True
+    if cuda_available():
+        return False
+
+    # ~175 `device=torch.cuda.current_device()` sites (embeddings, linear layers, DDP buffers).
+    torch.cuda.current_device = lambda: _CPU
+    # CudaRNGStatesTracker.add / model_parallel_cuda_manual_seed read and set the CUDA RNG.
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    # Timers, the optimizer and checkpointing synchronize; streams come from DDP and p2p.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoOpStream()
+    torch.cuda.Stream = _NoOpStream
+    torch.cuda.Event = _NoOpStream
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    # `.cuda()` on batches and on the distributed optimizer's buffers.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # clip_grads asserts `grad.type() == "torch.cuda.FloatTensor"`; the Float16 and distributed
+    # optimizers dispatch on the same strings.
+    original_type = torch.Tensor.type
+
+    def _type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            if self.device.type == "cpu" and "cuda" not in name:
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = _type
+
+    # tensor_parallel.random keeps its own references to the CUDA RNG getters/setters.
+    import megatron.core.tensor_parallel.random as mcore_random
+
+    mcore_random._get_cuda_rng_state = (
+        lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    )
+    mcore_random._set_cuda_rng_state = (
+        lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    )
+    # fork() compares the CPU RNG before and after; with CUDA mapped onto it, it always warns.
+    logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
+
+    _CudaToCpuMode().__enter__()
+    _enabled = True
+    return True
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local CUDA device, or the CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _CPU

@@ -1,0 +1,201 @@
+"""The flavor registry: one typed builder per model size, torchtitan-style.
+
+    config = get_flavor("lm2-1.7b", tensor_model_parallel_size=2)
+
+Every builder returns an LM2Config. `llama-*` flavors are the vanilla twins of `lm2-*`
+(the same decoder, no memory). Parameter counts: megatron_lm2.accounting (and
+`python -m megatron_lm2.flavors` prints the table, building each model on the meta device).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lm2.config import ConfigError, LM2Config
+
+FLAVORS: Dict[str, Callable[..., LM2Config]] = {}
+
+
+def register(name: str):
+    def wrap(builder: Callable[..., LM2Config]):
+        FLAVORS[name] = builder
+        return builder
+
+    return wrap
+
+
+def list_flavors() -> list[str]:
+    return sorted(FLAVORS)
+
+
+def get_flavor(name: str, **overrides) -> LM2Config:
+    if name not in FLAVORS:
+        raise ConfigError(f"unknown flavor {name!r}; known flavors: {', '.join(list_flavors())}")
+    return FLAVORS[name](**overrides)
+
+
+def _llama(**fields) -> LM2Config:
+    """Llama-3-style decoder: pre-RMSNorm, RoPE, SwiGLU, no biases, no dropout."""
+    base = dict(
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        use_cpu_initialization=True,
+    )
+    base.update(fields)
+    return LM2Config(**base)
+
+
+@register("debug")
+def debug(**overrides) -> LM2Config:
+    """Runs on a CPU in seconds. GQA (4 heads, 2 groups) so the tests cover it."""
+    return _llama(
+        **{
+            **dict(
+                num_layers=4,
+                hidden_size=128,
+                ffn_hidden_size=384,
+                num_attention_heads=4,
+                num_query_groups=2,
+                vocab_size=2048,
+                seq_length=256,
+                memory_slots=32,
+                memory_heads=4,
+                memory_chunk_size=64,
+            ),
+            **overrides,
+        }
+    )
+
+
+@register("debug-vanilla")
+def debug_vanilla(**overrides) -> LM2Config:
+    return debug(**{"memory_layers": (), **overrides})
+
+
+def _lm2_1p7b(**overrides) -> LM2Config:
+    # The paper's LM2-1.7B: 16 blocks, d 2048, FFN 8192, 32 heads, 2048 slots, 8 memory heads.
+    # Chunks of 1024 tokens: a 2048-token training sequence is two chunks, so the second half
+    # reads what the first half wrote and the write path trains (docs/memory.md, "chunk size").
+    return _llama(
+        **{
+            **dict(
+                num_layers=16,
+                hidden_size=2048,
+                ffn_hidden_size=8192,
+                num_attention_heads=32,
+                num_query_groups=32,
+                vocab_size=49152,
+                seq_length=2048,
+                memory_slots=2048,
+                memory_heads=8,
+                memory_chunk_size=1024,
+            ),
+            **overrides,
+        }
+    )
+
+
+@register("lm2-1.7b")
+def lm2_1p7b(**overrides) -> LM2Config:
+    return _lm2_1p7b(**overrides)
+
+
+@register("llama-1.7b")
+def llama_1p7b(**overrides) -> LM2Config:
+    return _lm2_1p7b(**{"memory_layers": (), **overrides})
+
+
+# The paper's Fig. 5 ablation: memory in the first 6 blocks, or in the first block only.
+@register("lm2-1.7b-mem6")
+def lm2_1p7b_mem6(**overrides) -> LM2Config:
+    return _lm2_1p7b(**{"memory_layers": tuple(range(1, 7)), **overrides})
+
+
+@register("lm2-1.7b-mem1")
+def lm2_1p7b_mem1(**overrides) -> LM2Config:
+    return _lm2_1p7b(**{"memory_layers": (1,), **overrides})
+
+
+def _lm2_3b(**overrides) -> LM2Config:
+    # Llama-3.2-3B's decoder shape with the SmolLM vocabulary; memory in every 2nd block keeps
+    # memory parameters near the paper's ~30% of the total (all 28 blocks would add 1.85B).
+    return _llama(
+        **{
+            **dict(
+                num_layers=28,
+                hidden_size=3072,
+                ffn_hidden_size=8192,
+                num_attention_heads=24,
+                num_query_groups=8,
+                vocab_size=49152,
+                seq_length=4096,
+                rotary_base=500000,
+                memory_slots=2048,
+                memory_heads=8,
+                memory_chunk_size=1024,
+                memory_layers=tuple(range(2, 29, 2)),
+            ),
+            **overrides,
+        }
+    )
+
+
+@register("lm2-3b")
+def lm2_3b(**overrides) -> LM2Config:
+    return _lm2_3b(**overrides)
+
+
+@register("llama-3b")
+def llama_3b(**overrides) -> LM2Config:
+    return _lm2_3b(**{"memory_layers": (), **overrides})
+
+
+def _lm2_8b(**overrides) -> LM2Config:
+    # Llama-3-8B's decoder shape and vocabulary; memory in every 4th block (8 of 32).
+    return _llama(
+        **{
+            **dict(
+                num_layers=32,
+                hidden_size=4096,
+                ffn_hidden_size=14336,
+                num_attention_heads=32,
+                num_query_groups=8,
+                vocab_size=128256,
+                seq_length=8192,
+                rotary_base=500000,
+                memory_slots=2048,
+                memory_heads=16,
+                memory_chunk_size=2048,
+                memory_layers=tuple(range(4, 33, 4)),
+            ),
+            **overrides,
+        }
+    )
+
+
+@register("lm2-8b")
+def lm2_8b(**overrides) -> LM2Config:
+    return _lm2_8b(**overrides)
+
+
+@register("llama-8b")
+def llama_8b(**overrides) -> LM2Config:
+    return _lm2_8b(**{"memory_layers": (), **overrides})

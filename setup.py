@@ -1,0 +1,47 @@
+"""megatron-lm2: pretraining LM2 (Large Memory Models) on Megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-lm2",
+    version="0.1.0",
+    description="Pretraining stack for LM2 (Large Memory Models, arXiv 2502.06049) on Megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_lm2", "megatron_lm2.*"]),
+    include_package_data=True,
+    install_requires=[
+        # 0.16.1 is the newest release for Python 3.11; 0.19.x needs Python >= 3.12.
+        "megatron-core>=0.16.1,<0.20",
+        "torch>=2.6",
+        "numpy",
+        "psutil",  # needed by megatron.core.dist_checkpointing's async writer (undeclared there)
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "tqdm",
+        "pyarrow",
+        "zstandard",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "mpi": ["mpi4py", "mpich"],
+        "hf": ["transformers>=4.46"],
+        "wandb": ["wandb"],
+        "dev": ["pytest", "pytest-timeout", "transformers>=4.46", "mpi4py", "mpich"],
+    },
+    entry_points={
+        "console_scripts": [
+            "lm2-train=megatron_lm2.train:main",
+            "lm2-preprocess=megatron_lm2.preprocess.cli:main",
+            "lm2-train-tokenizer=megatron_lm2.tokenizer.train:main",
+            "lm2-convert=megatron_lm2.convert.cli:main",
+            "lm2-eval=megatron_lm2.eval.cli:main",
+            "lm2-flavors=megatron_lm2.flavors:main",
+        ]
+    },
+)
