@@ -12,6 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_lm2", "megatron_lm2.*"]),
     include_package_data=True,
+    package_data={"megatron_lm2": ["assets/*", "assets/*/*"]},
     install_requires=[
         # 0.16.1 is the newest release for Python 3.11; 0.19.x needs Python >= 3.12.
         "megatron-core>=0.16.1,<0.20",

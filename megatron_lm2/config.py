@@ -115,8 +115,11 @@ class LM2Config(TransformerConfig):
                 f"memory_slots={self.memory_slots} must equal "
                 f"memory_chunk_size={self.memory_chunk_size}"
             )
-        if self.memory_bptt_chunks is not None and self.memory_bptt_chunks < 1:
-            raise ConfigError(f"memory_bptt_chunks={self.memory_bptt_chunks} must be >= 1")
+        if self.memory_bptt_chunks is not None and self.memory_bptt_chunks < 2:
+            raise ConfigError(
+                f"memory_bptt_chunks={self.memory_bptt_chunks} must be >= 2 (backprop windows of "
+                f"k chunks; with 1 no gradient would ever reach the write) or None (no truncation)"
+            )
         if self.attention_window is not None:
             if self.attention_window < 1 or self.seq_length % self.attention_window:
                 raise ConfigError(

@@ -199,3 +199,28 @@ def lm2_8b(**overrides) -> LM2Config:
 @register("llama-8b")
 def llama_8b(**overrides) -> LM2Config:
     return _lm2_8b(**{"memory_layers": (), **overrides})
+
+
+def main(argv=None) -> None:
+    """`lm2-flavors`: the registry as a table (parameters from the config; FLOPs per token)."""
+    import argparse
+
+    from megatron_lm2.accounting import flops_per_token, format_count, num_parameters
+
+    parser = argparse.ArgumentParser(description="List the model flavors and their sizes.")
+    parser.parse_args(argv)
+    header = f"{'flavor':<16}{'layers':>7}{'d':>6}{'mem layers':>11}{'base':>9}{'memory':>9}{'total':>9}{'TFLOP/tok':>11}"
+    print(header)
+    print("-" * len(header))
+    for name in list_flavors():
+        cfg = get_flavor(name)
+        count = num_parameters(cfg)
+        print(
+            f"{name:<16}{cfg.num_layers:>7}{cfg.hidden_size:>6}{len(cfg.memory_layer_numbers):>11}"
+            f"{format_count(count.base):>9}{format_count(count.memory):>9}"
+            f"{format_count(count.total):>9}{flops_per_token(cfg) / 1e12:>11.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

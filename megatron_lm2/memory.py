@@ -56,6 +56,11 @@ def identity_bank(num_slots: int, hidden_size: int, dtype=torch.float32, device=
     return bank
 
 
+def _softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last axis in at least fp32 (bf16/fp16 scores are upcast)."""
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+
+
 class LM2Memory(MegatronModule):
     """Memory read (Eq. 1-3) and gated write (Eq. 4-6) for one decoder block.
 
@@ -164,6 +169,10 @@ class LM2Memory(MegatronModule):
         starts = list(range(0, seq_len, self.chunk_size))
         for j, start in enumerate(starts):
             end = min(start + self.chunk_size, seq_len)
+            bptt = self.config.memory_bptt_chunks
+            if bptt is not None and j > 0 and j % bptt == 0:
+                # Truncated backprop through the recurrence: windows of `bptt` chunks.
+                bank = bank.detach()
             read, scores = self._read(query[start:end], bank)
             reads.append(read)
             if j + 1 < len(starts) or needs_last_write:
@@ -171,9 +180,6 @@ class LM2Memory(MegatronModule):
                     bank, scores, token_values[start:end], hidden_states[start:end], read
                 )
                 stats.append(gates)
-                bptt = self.config.memory_bptt_chunks
-                if bptt is not None and (j + 1) % bptt == 0:
-                    bank = bank.detach()  # truncated backprop through the recurrence
 
         e_mem = torch.cat(reads, dim=0).reshape(seq_len, batch, self.local_hidden)
         # Eq. 2: g_out = sigma(E_mem W_out); the gate of a column needs every column of E_mem.
@@ -195,7 +201,7 @@ class LM2Memory(MegatronModule):
         kv = kv.view(batch, self.num_slots, self.num_heads, 2, self.head_dim)
         key, value = kv[..., 0, :], kv[..., 1, :]
         scores = torch.einsum("cbhe,bnhe->bhcn", query, key) / math.sqrt(self.head_dim)
-        attn = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+        attn = _softmax(scores).to(value.dtype)
         return torch.einsum("bhcn,bnhe->cbhe", attn, value), scores
 
     def _write(
@@ -206,7 +212,7 @@ class LM2Memory(MegatronModule):
         if self.write_mode == "attention":
             # Slots gather the chunk: the read's score matrix, soft-maxed over tokens instead
             # of slots, weights the tokens' states (this rank's heads and columns).
-            attn = torch.softmax(scores.transpose(-1, -2).float(), dim=-1).to(tokens.dtype)
+            attn = _softmax(scores.transpose(-1, -2)).to(tokens.dtype)
             content = torch.einsum("bhnc,cbhe->bnhe", attn, token_values)
             content = content.reshape(batch, self.num_slots, self.local_hidden)
             content_full = gather_from_tensor_model_parallel_region(content)

@@ -68,6 +68,11 @@ def _memory_spec(column, row) -> ModuleSpec:
     )
 
 
+def get_memory_local_spec() -> ModuleSpec:
+    """The memory module alone, from Megatron-core's parallel linears."""
+    return _memory_spec(ColumnParallelLinear, RowParallelLinear)
+
+
 def _with_memory(base: ModuleSpec, norm, column, row) -> ModuleSpec:
     submodules = LM2TransformerLayerSubmodules(
         **{f.name: getattr(base.submodules, f.name) for f in fields(base.submodules)},

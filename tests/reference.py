@@ -1,0 +1,70 @@
+"""An independent float64 statement of the LM2 memory equations (docs/memory.md), written
+with explicit per-sample, per-chunk and per-head loops and no code shared with
+megatron_lm2.memory. Weights come in as plain [out, in] matrices."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def memory_reference(
+    tokens: torch.Tensor,  # [T, B, d] normed block input
+    weights: dict,  # q, k, v, out_gate, in_gate, forget_gate, proj: [d, d]; initial: [N, d]
+    heads: int,
+    chunk: int,
+    write: str = "attention",
+    initial_banks: torch.Tensor | None = None,  # [B, N, d] to continue from, else `initial`
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (memory branch output [T, B, d], bank after the last chunk [B, N, d])."""
+    seq, batch, d = tokens.shape
+    head_dim = d // heads
+    sigmoid = torch.sigmoid
+    out = torch.zeros_like(tokens)
+    final_banks = []
+    for b in range(batch):
+        bank = (weights["initial"] if initial_banks is None else initial_banks[b]).clone()
+        read_all = torch.zeros(seq, d, dtype=tokens.dtype)
+        for start in range(0, seq, chunk):
+            e = tokens[start : start + chunk, b]  # [c, d]
+            q = e @ weights["q"].T
+            k = bank @ weights["k"].T
+            v = bank @ weights["v"].T
+            read = torch.zeros_like(e)
+            content = torch.zeros_like(bank)
+            for h in range(heads):
+                cols = slice(h * head_dim, (h + 1) * head_dim)
+                scores = q[:, cols] @ k[:, cols].T / math.sqrt(head_dim)  # [c, N]
+                read[:, cols] = torch.softmax(scores, dim=1) @ v[:, cols]  # Eq. 1
+                content[:, cols] = torch.softmax(scores.T, dim=1) @ e[:, cols]  # slots gather
+            read_all[start : start + chunk] = read
+            if write == "attention":
+                g_in = sigmoid(content @ weights["in_gate"].T)  # Eq. 4
+                g_forget = sigmoid(content @ weights["forget_gate"].T)  # Eq. 5
+                bank = g_in * torch.tanh(content) + g_forget * bank  # Eq. 6
+            else:  # aligned: slot i <- token i
+                g_in = sigmoid(e @ weights["in_gate"].T)
+                g_forget = sigmoid(read @ weights["forget_gate"].T)
+                bank = g_in * torch.tanh(read) + g_forget * bank
+        g_out = sigmoid(read_all @ weights["out_gate"].T)  # Eq. 2
+        out[:, b] = (g_out * read_all) @ weights["proj"].T  # Eq. 3 + output projection
+        final_banks.append(bank)
+    return out, torch.stack(final_banks)
+
+
+def weights_of(memory_module, num_heads: int) -> dict:
+    """Unfused [out, in] matrices from a (TP=1) LM2Memory module."""
+    d = memory_module.linear_q.weight.shape[1]
+    head_dim = d // num_heads
+    kv = memory_module.linear_kv.weight.detach().view(num_heads, 2, head_dim, d)
+    return dict(
+        q=memory_module.linear_q.weight.detach(),
+        k=kv[:, 0].reshape(d, d),
+        v=kv[:, 1].reshape(d, d),
+        out_gate=memory_module.linear_out_gate.weight.detach(),
+        in_gate=memory_module.linear_in_gate.weight.detach(),
+        forget_gate=memory_module.linear_forget_gate.weight.detach(),
+        proj=memory_module.linear_proj.weight.detach(),
+        initial=memory_module.initial_bank.detach(),
+    )
