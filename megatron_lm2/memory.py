@@ -30,7 +30,10 @@ from torch import Tensor
 
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -156,12 +159,14 @@ class LM2Memory(MegatronModule):
     def forward(self, hidden_states: Tensor, **unused) -> tuple[Tensor, Optional[Tensor]]:
         seq_len, batch, _ = hidden_states.shape
         h, dh = self.num_heads, self.head_dim
-        lo = self.tp_rank * self.local_hidden
 
         query, _ = self.linear_q(hidden_states)  # Eq. 1: Q = E W_Q
         query = query.view(seq_len, batch, h, dh)
         # The write gathers token states per head, in the same columns as this rank's bank.
-        token_values = hidden_states[..., lo : lo + self.local_hidden].view(seq_len, batch, h, dh)
+        # A scatter, not a plain slice: its backward all-gathers, so every rank's gradient of
+        # the (replicated) tokens includes the other ranks' columns.
+        token_values = scatter_to_tensor_model_parallel_region(hidden_states)
+        token_values = token_values.view(seq_len, batch, h, dh)
 
         bank = self.start_bank(batch, hidden_states.dtype)
         needs_last_write = self.carry
