@@ -66,6 +66,16 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _reduce_scatter_via_all_reduce(output, input_, group=None, async_op=False):
+    import torch.distributed as dist
+
+    total = input_.clone()
+    dist.all_reduce(total, group=group)
+    rank = dist.get_rank(group)
+    output.copy_(total.chunk(dist.get_world_size(group), dim=0)[rank])
+    return None
+
+
 def enable_cpu_compat() -> bool:
     """Install the CPU patches if CUDA is absent. Idempotent. Returns True if installed."""
     global _enabled
@@ -112,6 +122,13 @@ def enable_cpu_compat() -> bool:
     mcore_random._set_cuda_rng_state = (
         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     )
+    # gloo has no reduce_scatter; sequence parallelism's reduce-scatter (mappings.py, and the
+    # weight-gradient path in layers.py) falls back to an all-reduce plus this rank's slice.
+    import megatron.core.tensor_parallel.layers as mcore_layers
+    import megatron.core.tensor_parallel.mappings as mcore_mappings
+
+    mcore_mappings.dist_reduce_scatter_func = _reduce_scatter_via_all_reduce
+    mcore_layers.dist_reduce_scatter_func = _reduce_scatter_via_all_reduce
     # fork() compares the CPU RNG before and after; with CUDA mapped onto it, it always warns.
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
 

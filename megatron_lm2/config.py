@@ -126,11 +126,6 @@ class LM2Config(TransformerConfig):
                     f"attention_window={self.attention_window} does not divide "
                     f"seq_length={self.seq_length}"
                 )
-        if self.sequence_parallel:
-            raise ConfigError(
-                "sequence_parallel=True is not supported by the LM2 memory layers yet "
-                "(the bank write needs the whole chunk on every TP rank); set it to False"
-            )
 
     def replace(self, **overrides) -> "LM2Config":
         """A copy with some fields changed, validated again."""

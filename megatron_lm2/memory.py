@@ -12,6 +12,9 @@ The sequence is cut into chunks of C tokens. Chunk j reads the bank as it stood 
 j-1 (chunk 0 reads M_0), and the bank is written once after each chunk. Nothing a token reads
 was written from itself or a later token: causal by construction, for any T, N and d.
 
+Sequence parallelism (with the TE spec): the block's tokens arrive split along the sequence;
+the memory gathers them once and reduce-scatters its output, like Megatron's attention.
+
 Tensor parallelism: rank r owns memory heads [r*H_m/tp, (r+1)*H_m/tp) and the matching d/tp
 columns of the bank, of the tokens' values for the write, and of every gate. Per layer and
 chunk the memory adds two all-gathers of [B, N, d] (the bank before K/V, the write content
@@ -31,6 +34,7 @@ from torch import Tensor
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
@@ -95,12 +99,18 @@ class LM2Memory(MegatronModule):
         self.chunk_size = config.memory_chunk_size
         self.write_mode = config.memory_write
 
+        # Sequence parallel: tokens arrive split along the sequence and are gathered once in
+        # forward; the bank-side linears never see a sequence. So every linear but the
+        # output projection (which reduce-scatters back) is built without sequence parallel.
+        self.sequence_parallel = config.sequence_parallel
+        inner_config = config.replace(sequence_parallel=False) if config.sequence_parallel else config
+
         def column(spec, out_features, name):
             return build_module(
                 spec,
                 d,
                 out_features,
-                config=config,
+                config=inner_config,
                 init_method=config.init_method,
                 gather_output=False,
                 bias=config.add_bias_linear,
@@ -157,6 +167,12 @@ class LM2Memory(MegatronModule):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, hidden_states: Tensor, **unused) -> tuple[Tensor, Optional[Tensor]]:
+        if self.sequence_parallel:
+            # [T/tp, B, d] -> [T, B, d]. Backward splits: every consumer below already returns
+            # the complete gradient (column-parallel all-reduce, the scatter's all-gather).
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
         seq_len, batch, _ = hidden_states.shape
         h, dh = self.num_heads, self.head_dim
 

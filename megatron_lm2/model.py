@@ -28,6 +28,11 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if config.sequence_parallel and backend == "local":
+        raise ValueError(
+            "sequence_parallel=True needs the Transformer Engine spec (backend='te'): "
+            "Megatron-core's local torch norms do not support sequence parallelism"
+        )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config.vocab_size % tp:
         raise ValueError(

@@ -192,3 +192,49 @@ def test_parallel_equals_single_process(reference, initial_weights, tp, pp):
         expected = set(range(r["pp_rank"] * per_stage + 1, (r["pp_rank"] + 1) * per_stage + 1))
         assert set(r["banks"]) == expected
         assert all(shape == (3, slots, hidden // tp) for shape in r["banks"].values())
+
+
+def _memory_branch(sequence_parallel):
+    """One memory module (TP = world size) on fixed inputs: its output and gradients, with the
+    tokens split along the sequence when sequence_parallel."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.specs import get_memory_local_spec
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    cfg = get_flavor(
+        "debug", tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+        hidden_size=64, num_attention_heads=4, memory_slots=8, memory_chunk_size=8, seq_length=32,
+    )
+    torch.manual_seed(0)
+    module = build_module(get_memory_local_spec(), config=cfg, layer_number=1)
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(32, 2, 64, generator=generator)
+    weight = torch.randn(32, 2, 64, generator=generator)
+    if sequence_parallel:
+        rows = slice(rank * 32 // tp, (rank + 1) * 32 // tp)
+        tokens, weight = tokens[rows], weight[rows]
+    tokens.requires_grad_(True)
+    output, _ = module(tokens)
+    (output * weight).sum().backward()
+    return dict(
+        rank=rank,
+        output=output.detach(),
+        token_grad=tokens.grad,
+        grads={n: (p.grad, getattr(p, "partition_dim", -1)) for n, p in module.named_parameters()},
+    )
+
+
+def test_memory_sequence_parallel_equals_tp1():
+    (ref,) = run_distributed(_memory_branch, 1, False)
+    results = run_distributed(_memory_branch, 2, True, tp=2)
+    output = torch.cat([r["output"] for r in results])  # sequence-split outputs
+    token_grad = torch.cat([r["token_grad"] for r in results])
+    assert output.shape == ref["output"].shape
+    assert ((output - ref["output"]).norm() / ref["output"].norm()) < 1e-6
+    assert ((token_grad - ref["token_grad"]).norm() / ref["token_grad"].norm()) < 1e-6
+    for name, (grad, dim) in ref["grads"].items():
+        full = torch.cat([r["grads"][name][0] for r in results], dim=results[0]["grads"][name][1])
+        assert ((full - grad).norm() / grad.norm()) < 1e-6, name
