@@ -44,6 +44,12 @@ class LM2Config(TransformerConfig):
     # memory is the only path from one segment to the next.
     attention_window: Optional[int] = None
 
+    # Per-layer checkpoint keys (decoder.layers.<n>.*) instead of Megatron's layer-stacked
+    # ones: memory tensors exist only in memory layers, so a stacked key would have holes
+    # whenever `memory_layers` is a subset. Uniform across flavors, so a vanilla checkpoint's
+    # layer keys match its LM2 twin's. (The field name is Megatron's spelling.)
+    hetereogenous_dist_checkpoint: bool = True
+
     def __post_init__(self):
         super().__post_init__()
         self.validate_memory()
