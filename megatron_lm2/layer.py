@@ -38,6 +38,13 @@ class LM2TransformerLayer(TransformerLayer):
         self.memory_bda = build_module(submodules.memory_bda)
 
     def _forward_attention(self, hidden_states, *args, **kwargs):
+        if kwargs.get("inference_context") is not None or kwargs.get("inference_params") is not None:
+            # Megatron's KV-cached inference feeds one token per call; the memory would treat
+            # each call as a new sequence. Stream with megatron_lm2.memory_state instead.
+            raise NotImplementedError(
+                "LM2 memory layers do not support Megatron's inference_context; carry the banks "
+                "with megatron_lm2.memory_state.carry_memory (or use the HF export's generate())"
+            )
         hidden_states, context = super()._forward_attention(hidden_states, *args, **kwargs)
         residual = hidden_states
         memory_output_with_bias = self.memory(self.memory_norm(hidden_states))

@@ -1,0 +1,164 @@
+"""Benchmark the LM2 memory: throughput and activation memory of LM2 vs its vanilla twin,
+and how the memory path's cost grows with the number of chunks (it must be linear).
+
+    python benchmarks/bench_memory.py                  # CPU: debug scale
+    python benchmarks/bench_memory.py --gpu-1p7b       # CUDA: 1.7B-shaped layers in bf16
+
+Memory column: on CUDA, peak allocated bytes; on CPU, the bytes autograd saves for backward
+(activation memory, the part that grows with sequence length), measured with
+saved_tensors_hooks. Ratios are within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+
+@contextlib.contextmanager
+def saved_bytes_counter():
+    """Counts the bytes autograd saves for backward inside the block (CPU memory proxy)."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def _peak(fn) -> int:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated()
+    with saved_bytes_counter() as total:
+        fn()
+    return total[0]
+
+
+def model_table(flavor: str, batch: int, repeats: int, device) -> list[tuple]:
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.model import build_model
+
+    rows = []
+    for name, overrides in ((flavor, {}), (flavor, {"memory_layers": ()})):
+        cfg = get_flavor(name, **overrides)
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length), device=device)
+        positions = torch.arange(cfg.seq_length, device=device).expand(batch, -1)
+
+        def step():
+            loss = model(tokens, positions, None, labels=tokens).mean()
+            loss.backward()
+
+        seconds = _time(step, repeats)
+        label = "LM2" if cfg.has_memory else "vanilla"
+        rows.append((label, batch * cfg.seq_length / seconds, _peak(step)))
+    return rows
+
+
+def chunk_table(chunks: list[int], batch: int, repeats: int, device, dtype, **shape) -> list[tuple]:
+    """The memory module alone, fixed chunk size, sequence = chunks x chunk size."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.specs import get_memory_local_spec
+
+    rows = []
+    for count in chunks:
+        cfg = get_flavor("debug", params_dtype=dtype, **{**shape, "seq_length": count * shape["memory_chunk_size"]})
+        module = build_module(get_memory_local_spec(), config=cfg, layer_number=1).to(device)
+        tokens = torch.randn(cfg.seq_length, batch, cfg.hidden_size, device=device, dtype=dtype,
+                             requires_grad=True)
+
+        def step():
+            out, _ = module(tokens)
+            out.float().sum().backward()
+
+        seconds = _time(step, repeats)
+        rows.append((count, cfg.seq_length, seconds, _peak(step)))
+    return rows
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu-1p7b", action="store_true",
+                        help="1.7B-shaped layers in bf16 on CUDA instead of the debug scale")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-chunks", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    from megatron_lm2 import distributed
+
+    distributed.initialize()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    if args.gpu_1p7b and not cuda:
+        sys.exit("--gpu-1p7b needs a CUDA GPU")
+    machine = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    print(f"# machine: {machine}; torch {torch.__version__}; commit {_commit()}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    chunks = [c for c in (1, 2, 4, 8, 16, 32, 64) if c <= args.max_chunks]
+
+    if args.gpu_1p7b:
+        shape = dict(hidden_size=2048, num_attention_heads=32, memory_slots=2048, memory_heads=8,
+                     memory_chunk_size=1024)
+        dtype, batch, chunks = torch.bfloat16, 1, [c for c in chunks if c <= 16]
+    else:
+        rows = model_table("debug", batch=4, repeats=args.repeats, device=device)
+        print("\n## Debug flavor, forward+backward, batch 4 x 256 tokens")
+        print("| model | tokens/s | activation MiB | tokens/s vs vanilla |")
+        print("|---|---|---|---|")
+        vanilla = rows[1][1]
+        for label, tps, peak in rows:
+            print(f"| {label} | {tps:,.0f} | {peak / 2**20:.1f} | {tps / vanilla:.2f} |")
+        shape = dict(hidden_size=128, num_attention_heads=4, memory_slots=32, memory_heads=4,
+                     memory_chunk_size=64)
+        dtype, batch = torch.float32, 2
+
+    rows = chunk_table(chunks, batch, args.repeats, device, dtype, **shape)
+    print(f"\n## Memory path alone vs number of chunks (C={shape['memory_chunk_size']}, "
+          f"N={shape['memory_slots']}, d={shape['hidden_size']}, batch {batch}, {dtype}), fwd+bwd")
+    print("| chunks | tokens | ms | ms per chunk | memory MiB | MiB per chunk | time / (K x time of 1) |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows[0][2]
+    for count, tokens, seconds, peak in rows:
+        print(f"| {count} | {tokens} | {seconds * 1e3:.1f} | {seconds * 1e3 / count:.2f} | "
+              f"{peak / 2**20:.1f} | {peak / 2**20 / count:.2f} | {seconds / (count * base):.2f} |")
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
