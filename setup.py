@@ -27,13 +27,13 @@ setup(
         "zstandard",
         "tensorboard",
         "matplotlib",
+        "transformers>=4.46",  # lm2-convert and the HF model (pure Python)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "mpich"],
-        "hf": ["transformers>=4.46"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout", "transformers>=4.46", "mpi4py", "mpich"],
+        "dev": ["pytest", "pytest-timeout", "mpi4py", "mpich"],
     },
     entry_points={
         "console_scripts": [

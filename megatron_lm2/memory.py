@@ -75,8 +75,10 @@ class LM2Memory(MegatronModule):
     to the residual stream with its bias-dropout-add.
 
     State: `self.bank` is the bank after the last forward, kept only while `carry` is True
-    (streaming: the next call starts from it). Otherwise every forward starts from M_0, so
-    unrelated training sequences never share memory. megatron_lm2.memory_state drives this.
+    (streaming: the next call starts from it; a partial last chunk waits in
+    `self.pending_tokens` and is written when a later call completes it, so any split of a
+    stream into calls computes what one call would). Otherwise every forward starts from M_0,
+    so unrelated training sequences never share memory. megatron_lm2.memory_state drives it.
     """
 
     def __init__(
@@ -151,6 +153,8 @@ class LM2Memory(MegatronModule):
 
         self.carry = False
         self.bank: Optional[Tensor] = None
+        # Carry only: normed tokens of a partial chunk waiting for the next call [c, B, d].
+        self.pending_tokens: Optional[Tensor] = None
         self.gate_stats: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------ state
@@ -173,6 +177,13 @@ class LM2Memory(MegatronModule):
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False
             )
+        # Streaming: a partial chunk left by the previous call is not written yet; its tokens
+        # are prepended here so the chunk completes exactly as in one long call. Their reads
+        # were returned by that call and are dropped below.
+        held = self.pending_tokens if self.carry else None
+        if held is not None:
+            hidden_states = torch.cat([held, hidden_states], dim=0)
+        num_held = 0 if held is None else held.shape[0]
         seq_len, batch, _ = hidden_states.shape
         h, dh = self.num_heads, self.head_dim
 
@@ -185,7 +196,6 @@ class LM2Memory(MegatronModule):
         token_values = token_values.view(seq_len, batch, h, dh)
 
         bank = self.start_bank(batch, hidden_states.dtype)
-        needs_last_write = self.carry
         reads, stats = [], []
         starts = list(range(0, seq_len, self.chunk_size))
         for j, start in enumerate(starts):
@@ -196,13 +206,16 @@ class LM2Memory(MegatronModule):
                 bank = bank.detach()
             read, scores = self._read(query[start:end], bank)
             reads.append(read)
-            if j + 1 < len(starts) or needs_last_write:
+            # The last chunk is written only if a later call will read it (carry) and only
+            # once it is complete.
+            last = j + 1 == len(starts)
+            if not last or (self.carry and end - start == self.chunk_size):
                 bank, gates = self._write(
                     bank, scores, token_values[start:end], hidden_states[start:end], read
                 )
                 stats.append(gates)
 
-        e_mem = torch.cat(reads, dim=0).reshape(seq_len, batch, self.local_hidden)
+        e_mem = torch.cat(reads, dim=0)[num_held:].reshape(-1, batch, self.local_hidden)
         # Eq. 2: g_out = sigma(E_mem W_out); the gate of a column needs every column of E_mem.
         gate_logits, _ = self.linear_out_gate(gather_from_tensor_model_parallel_region(e_mem))
         g_out = torch.sigmoid(gate_logits)
@@ -211,6 +224,8 @@ class LM2Memory(MegatronModule):
 
         if self.carry:
             self.bank = bank
+            partial = seq_len % self.chunk_size
+            self.pending_tokens = hidden_states[seq_len - partial :] if partial else None
         self._record_gate_stats(g_out, stats)
         return output, bias
 

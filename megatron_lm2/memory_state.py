@@ -40,6 +40,7 @@ def set_carry(model: Models, enabled: bool) -> None:
         module.carry = enabled
         if not enabled:
             module.bank = None
+            module.pending_tokens = None
 
 
 @contextlib.contextmanager
@@ -59,6 +60,7 @@ def reset_memory(model: Models) -> None:
     """The next forward starts from M_0 (per-sequence reset)."""
     for module in memory_modules(model).values():
         module.bank = None
+        module.pending_tokens = None
 
 
 def detach_memory(model: Models) -> None:
@@ -66,10 +68,14 @@ def detach_memory(model: Models) -> None:
     for module in memory_modules(model).values():
         if module.bank is not None:
             module.bank = module.bank.detach()
+        if module.pending_tokens is not None:
+            module.pending_tokens = module.pending_tokens.detach()
 
 
 def memory_banks(model: Models) -> Dict[int, torch.Tensor]:
-    """This rank's banks after the last carried forward: {layer_number: [B, N, d/tp]}."""
+    """This rank's banks after the last carried forward: {layer_number: [B, N, d/tp]}.
+    A bank holds every complete chunk so far; save and restore at chunk boundaries (a
+    partial chunk's tokens are not part of it)."""
     return {n: m.bank for n, m in memory_modules(model).items() if m.bank is not None}
 
 
@@ -87,6 +93,7 @@ def load_memory_banks(model: Models, banks: Dict[int, torch.Tensor]) -> None:
                 f"[B, {expected[0]}, {expected[1]}]"
             )
         modules[number].bank = bank
+        modules[number].pending_tokens = None
         modules[number].carry = True
 
 

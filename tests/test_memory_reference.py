@@ -72,6 +72,20 @@ def test_ragged_last_chunk_and_carried_bank_match_reference():
     assert _rel_err(out, ref_out) < 1e-10
 
 
+@pytest.mark.parametrize("write", ["attention", "aligned"])
+def test_streaming_in_uneven_calls_equals_one_call(write):
+    cfg, module = _memory(memory_write=write, memory_slots=8)
+    tokens = torch.randn(40, 2, 64, dtype=torch.float64)
+    with carry_memory(module):
+        whole, _ = module(tokens)
+        whole_bank = memory_banks(module)[1]
+    with carry_memory(module):
+        pieces = [module(tokens[a:b])[0] for a, b in ((0, 5), (5, 19), (19, 20), (20, 40))]
+        streamed_bank = memory_banks(module)[1]
+    assert _rel_err(torch.cat(pieces), whole) < 1e-12
+    assert _rel_err(streamed_bank, whole_bank) < 1e-12
+
+
 def test_identity_initial_bank():
     bank = identity_bank(5, 3)
     assert torch.equal(bank[:3], torch.eye(3)) and torch.equal(bank[3:], torch.zeros(2, 3))

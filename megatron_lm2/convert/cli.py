@@ -1,0 +1,104 @@
+"""lm2-convert: Megatron dist checkpoints <-> Hugging Face folders.
+
+    lm2-convert to-hf   --load CKPT --save HF_DIR [--tokenizer PATH] [--dtype bfloat16]
+    lm2-convert from-hf --load HF_DIR --save CKPT --tensor-model-parallel-size 2 \\
+                        --pipeline-model-parallel-size 2
+
+Runs as one CPU process (no torchrun): any saved TP/PP is resharded on load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lm2-convert",
+        description="Convert LM2 checkpoints between Megatron (dist checkpoint) and Hugging Face.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    to_hf = sub.add_parser(
+        "to-hf",
+        help="Megatron dist checkpoint (any TP/PP) -> Hugging Face folder",
+        description="Export a Megatron dist checkpoint (saved at any TP/PP) as a Hugging Face "
+        "folder: config.json, safetensors weights, generation_config.json, the LM2 modeling "
+        "code (trust_remote_code=True) or a plain Llama for models without memory.",
+    )
+    to_hf.add_argument("--load", required=True, help="Megatron dist checkpoint directory (lm2-convert from-hf output, or a lm2-train --save directory: its newest checkpoint)")
+    to_hf.add_argument("--save", required=True, help="output Hugging Face folder")
+    to_hf.add_argument(
+        "--tokenizer",
+        help="tokenizer to ship: a tokenizer.json, a SentencePiece .model, a directory holding "
+        "one, or 'default' (the embedded tokenizer); checked against the model vocabulary",
+    )
+    to_hf.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"),
+        help="weight dtype in the export (default: as stored in the checkpoint)",
+    )
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
+
+    from_hf = sub.add_parser(
+        "from-hf",
+        help="Hugging Face folder -> Megatron dist checkpoint for continued pretraining",
+        description="Import an LM2 or Llama Hugging Face folder (safetensors only; its Python "
+        "files are never run) as a Megatron dist checkpoint for the given TP/PP.",
+    )
+    from_hf.add_argument("--load", required=True, help="Hugging Face folder")
+    from_hf.add_argument("--save", required=True, help="output Megatron checkpoint directory")
+    from_hf.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T")
+    from_hf.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P")
+    from_hf.add_argument(
+        "--make-vocab-size-divisible-by", type=int, default=128,
+        help="pad the vocabulary to a multiple of this times T (Megatron's rule; default 128)",
+    )
+    from_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Megatron-core warns at import about Apex/TE fallbacks that do not concern conversion.
+    warnings.filterwarnings("ignore", module=r"megatron\.core")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("lm2-convert: error: needs transformers (pip install -e .[hf])", file=sys.stderr)
+        return 2
+    from megatron_lm2.convert.megatron_io import CheckpointError
+    from megatron_lm2.convert.tokenizer_files import TokenizerMismatch
+    from megatron_lm2.tokenizer import TokenizerError
+
+    try:
+        if args.command == "to-hf":
+            from megatron_lm2.convert.to_hf import to_hf
+
+            out = to_hf(
+                args.load, args.save, tokenizer=args.tokenizer, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+            )
+        else:
+            from megatron_lm2.convert.from_hf import from_hf
+
+            out = from_hf(
+                args.load, args.save,
+                tensor_model_parallel_size=args.tensor_model_parallel_size,
+                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                overwrite=args.overwrite,
+            )
+    except (CheckpointError, TokenizerMismatch, TokenizerError, ValueError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"lm2-convert: error: {message}", file=sys.stderr)
+        return 2
+    print(f"lm2-convert: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Read and write Megatron dist checkpoints as one full (TP=1, PP=1) state dict.
+
+A checkpoint saved at any TP/PP is loaded into a TP=1/PP=1 model in one process: Megatron's
+dist_checkpointing reshards on load, so the converter never re-implements TP/PP layouts
+(fused QKV per query group, [gate; up] fc1 shards, vocabulary shards, pipeline layer offsets).
+Writing goes the same way: a TP=1/PP=1 model saved with dist_checkpointing, which any TP/PP
+loads.
+
+The model config travels next to the weights as `lm2_config.json` (megatron_config.py).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import socket
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from megatron_lm2.convert.megatron_config import CONFIG_FILE, read_config, write_config
+
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be converted; the message names the path."""
+
+
+# -------------------------------------------------------------------------------- checks
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads torch.distributed.checkpoint's `.metadata` (a pickle) allowing only the classes
+    that file holds (DCP's metadata dataclasses, torch.Size, dtypes), so a crafted file cannot
+    run code while we list its shard files."""
+
+    _EXTRA = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
+
+    def find_class(self, module, name):
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module, name) in self._EXTRA
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise CheckpointError(f"unexpected object {module}.{name} in the checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def read_metadata(checkpoint_dir: Path):
+    """torch.distributed.checkpoint's metadata of a checkpoint, read with the restricted
+    unpickler."""
+    path = checkpoint_dir / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(io.BytesIO(f.read())).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata: {exc!r}") from exc
+
+
+def shard_files(metadata) -> set[str]:
+    """The data files the metadata refers to (relative names)."""
+    storage = getattr(metadata, "storage_data", None) or {}
+    return {getattr(info, "relative_path", None) for info in storage.values()} - {None}
+
+
+def embedding_info(metadata):
+    """(global shape, dtype) of the word embeddings as saved, or None."""
+    entry = (getattr(metadata, "state_dict_metadata", None) or {}).get(EMBEDDING)
+    if entry is None or not hasattr(entry, "size"):
+        return None
+    return tuple(entry.size), entry.properties.dtype
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory itself, or the one a training run's `latest` file names."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    tracker = path / "latest"
+    if not (path / "metadata.json").is_file() and tracker.is_file():
+        name = tracker.read_text().strip()
+        if not (path / name).is_dir():
+            raise CheckpointError(f"{tracker} names {name!r}, which is not a directory in {path}")
+        return path / name
+    return path
+
+
+def checkpoint_config(path: Path, metadata):
+    """The model config of a checkpoint: lm2_config.json when present (lm2-convert writes it),
+    else the training run's config that lm2-train stores in the checkpoint, with the
+    vocabulary size taken from the saved embedding."""
+    if (path / CONFIG_FILE).is_file():
+        return read_config(path)
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read common.pt: {exc}") from exc
+    run = common.get("config") if isinstance(common, dict) else None
+    if not run or "flavor" not in run:
+        raise CheckpointError(
+            f"{path}: no {CONFIG_FILE} and no training config in the checkpoint: cannot tell "
+            f"which model it holds"
+        )
+    from megatron_lm2.training.config import TrainConfig
+
+    known = set(TrainConfig.__dataclass_fields__)
+    train = TrainConfig(**{k: v for k, v in run.items() if k in known})
+    info = embedding_info(metadata)
+    config = train.model_config(vocab_size=info[0][0] if info else None)
+    if info and info[0][0] != config.vocab_size:
+        config = config.replace(vocab_size=info[0][0])
+    return config
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A usable Megatron dist checkpoint directory (resolving a training run's `latest`), or a
+    CheckpointError saying what is wrong."""
+    path = resolve_checkpoint(path)
+    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+        raise CheckpointError(
+            f"{path} is a Hugging Face folder, not a Megatron checkpoint; use `lm2-convert from-hf`"
+        )
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(
+            f"{path}: not a Megatron dist checkpoint (no metadata.json; expected the directory "
+            f"written by megatron.core.dist_checkpointing.save, or a training --save directory "
+            f"with a `latest` file)"
+        )
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint: .metadata is missing (was the save interrupted?)"
+        )
+    missing = sorted(f for f in shard_files(read_metadata(path)) if not (path / f).is_file())
+    if missing:
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint: missing shard file(s) {', '.join(missing)}"
+        )
+    return path
+
+
+# ------------------------------------------------------------------------- process setup
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process() -> None:
+    """Megatron's parallel state for one process at TP=1/PP=1 (no-op if already set up, e.g.
+    under megatron_lm2.testing.run_distributed with world size 1)."""
+    import torch.distributed as dist
+
+    from megatron_lm2 import distributed
+
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if dist.get_world_size() != 1 or tp != 1 or pp != 1:
+            raise RuntimeError(
+                "checkpoint conversion runs in a single process (world size 1, TP=1, PP=1); "
+                f"this one has world size {dist.get_world_size()}, TP={tp}, PP={pp}"
+            )
+        return
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise RuntimeError(
+            f"run lm2-convert as a single process, not under torchrun/srun "
+            f"(WORLD_SIZE={os.environ['WORLD_SIZE']})"
+        )
+    distributed.initialize(1, 1)
+
+
+def _build_single(config):
+    from megatron_lm2.model import build_model
+
+    single = config.replace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    return build_model(single, pre_process=True, post_process=True), single
+
+
+def _plain(state: dict) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state") and v is not None}
+
+
+# --------------------------------------------------------------------------- load / save
+def load_checkpoint(path: str | os.PathLike):
+    """(config at TP=1/PP=1, full state dict {megatron name: tensor}) of a dist checkpoint saved
+    at any TP/PP, or of the newest checkpoint of a training --save directory."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = check_checkpoint_dir(path)
+    metadata = read_metadata(path)
+    config = checkpoint_config(path, metadata)
+    info = embedding_info(metadata)
+    if info is not None and info[1] != config.params_dtype:  # e.g. a bf16 training run
+        config = config.replace(params_dtype=info[1], pipeline_dtype=info[1])
+    ensure_single_process()
+    model, single = _build_single(config)
+    try:
+        loaded, _, unexpected = dist_checkpointing.load(
+            model.sharded_state_dict(), str(path), strict=StrictHandling.RETURN_UNEXPECTED
+        )
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path
+        raise CheckpointError(f"{path}: cannot load the checkpoint: {exc}") from exc
+    if unexpected:
+        # Megatron's "unexpected" = keys the model asks for that the checkpoint lacks.
+        names = sorted(getattr(k, "key", str(k)) for k in unexpected)
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks {len(names)} tensor(s) the model needs (wrong "
+            f"config or wrong checkpoint?): {', '.join(names[:8])}"
+            + (" ..." if len(names) > 8 else "")
+        )
+    own = model.state_dict()
+    model.load_state_dict({k: loaded[k] for k in own if k in loaded}, strict=True)
+    return single, _plain(model.state_dict())
+
+
+def save_checkpoint(state: Dict[str, torch.Tensor], config, path: str | os.PathLike,
+                    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                    overwrite: bool = False) -> Path:
+    """Write a dist checkpoint (loadable at any TP/PP) plus lm2_config.json, atomically: into a
+    sibling temporary directory first, renamed into place when complete."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise CheckpointError(f"{path} exists and is not empty (pass --overwrite to replace it)")
+    ensure_single_process()
+    model, single = _build_single(config)
+    expected = set(_plain(model.state_dict()))
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"weights do not match the model: missing {missing[:8]}, unexpected {extra[:8]}"
+        )
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tuple(own[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(own[name].shape)}"
+                )
+            own[name].copy_(tensor)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    write_config(
+        config, tmp / CONFIG_FILE,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
