@@ -32,6 +32,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "mpich"],
+        "hf": ["transformers>=4.46", "accelerate"],  # accelerate: device_map / big-model loading
         "wandb": ["wandb"],
         "dev": ["pytest", "pytest-timeout", "mpi4py", "mpich"],
     },

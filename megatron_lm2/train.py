@@ -27,9 +27,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     config = parse_args(argv)
     if config.dry_run:
+        from megatron_lm2.config import ConfigError
         from megatron_lm2.training.plan import print_plan
 
-        print_plan(config, argv if argv is not None else sys.argv[1:])
+        try:
+            print_plan(config, argv if argv is not None else sys.argv[1:])
+        except ConfigError as error:
+            print(f"lm2-train: error: {error}", file=sys.stderr)
+            return 2
         return 0
 
     from megatron_lm2 import distributed
