@@ -132,6 +132,10 @@ def enable_cpu_compat() -> bool:
     # fork() compares the CPU RNG before and after; with CUDA mapped onto it, it always warns.
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
 
+    # DDP reads `.grad` of non-leaf views through the mode above; torch warns about it once.
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
     _CudaToCpuMode().__enter__()
     _enabled = True
     return True

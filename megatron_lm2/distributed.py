@@ -22,7 +22,12 @@ def initialize(
     (SLURM_* variables) and plain `python` (a world of one). Returns (rank, world_size)."""
     _env_from_slurm()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A world of one (plain `python`): any free port, so two runs on a box don't collide.
+        # Launchers (torchrun, the slurm scripts) always set it.
+        from megatron_lm2.testing import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port()) if "WORLD_SIZE" not in os.environ else "29500"
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

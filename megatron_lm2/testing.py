@@ -1,7 +1,7 @@
 """Run a test function on N processes (gloo on CPU, NCCL on GPUs): the one helper every
 distributed test uses.
 
-    results = run_distributed(_check_tp, world_size=2, tp=2)
+    results = run_distributed(_check_tp, world_size=2, tp=2)   # also pp=, vpp= (interleaved)
 
 `func(*args)` runs in every rank after `megatron_lm2.distributed.initialize(tp, pp)`; its
 return values come back as a list indexed by rank. A failure in any rank raises here with
@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, tp, pp, seed, func, args, out_dir):
+def _worker(rank, world_size, port, tp, pp, vpp, seed, func, args, out_dir):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -39,7 +39,7 @@ def _worker(rank, world_size, port, tp, pp, seed, func, args, out_dir):
     from megatron_lm2 import distributed
 
     try:
-        distributed.initialize(tp, pp, seed=seed)
+        distributed.initialize(tp, pp, vpp, seed=seed)
         result = func(*args)
         torch.save({"ok": True, "result": result}, os.path.join(out_dir, f"{rank}.pt"))
     except BaseException:  # report every failure, including assertion errors, to the parent
@@ -55,13 +55,14 @@ def run_distributed(
     *args: Any,
     tp: int = 1,
     pp: int = 1,
+    vpp: int | None = None,
     seed: int = 1234,
 ) -> list[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, port, tp, pp, seed, func, args, out_dir),
+            args=(world_size, port, tp, pp, vpp, seed, func, args, out_dir),
             nprocs=world_size,
             join=False,
             start_method="spawn",
