@@ -1,0 +1,1 @@
+"""Data for megatron-lm2: the embedded synthetic pretraining corpus (``synthetic_corpus``)."""

@@ -1,0 +1,156 @@
+"""Writer side: cut one input file's documents into token-budget shards, atomically.
+
+Shards never span input files, so a file's shards depend on that file alone: any split of the
+files across ranks, and any resume point, produce the same bytes. A shard closes after the
+document that brings it to ``shard_tokens`` or more (documents are never split), and at the
+end of its file.
+
+Commit protocol for shard ``k`` of a file (the ``.progress`` record is the commit point)::
+
+    shards/<subset>/<stem>_<k>.bin.tmp, .idx.tmp   written through IndexedDatasetBuilder
+    -> os.replace to .bin, .idx
+    -> .progress/<subset>/<stem>_<k>.json         shard record (rows, documents, tokens, skips)
+    ...
+    -> .progress/<subset>/<stem>.done.json        the file is finished (rows, trailing skips)
+
+A rerun trusts only committed records: it restarts the file at the row after its last committed
+shard and rewrites anything after it, so a kill at any moment leaves nothing half-visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lm2.preprocess.encode import EncodedBatch
+from megatron_lm2.preprocess.readers import InputFile
+
+MAX_LISTED_SKIPS = 1000  # per shard record; counts stay exact beyond it
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def shard_prefix(f: InputFile, index: int) -> str:
+    """Shard prefix relative to the output directory."""
+    return f"shards/{f.subset}/{f.stem}_{index:05d}"
+
+
+def progress_dir(out_dir: Path, f: InputFile) -> Path:
+    return out_dir / ".progress" / f.subset
+
+
+@dataclass
+class FileState:
+    """What earlier runs committed for one input file."""
+
+    shards: list[dict] = field(default_factory=list)
+    done: dict | None = None
+
+    @property
+    def next_row(self) -> int:
+        return self.shards[-1]["rows"][1] if self.shards else 0
+
+
+def load_state(out_dir: Path, f: InputFile) -> FileState:
+    pdir = progress_dir(out_dir, f)
+    state = FileState()
+    done = pdir / f"{f.stem}.done.json"
+    if done.is_file():
+        state.done = json.loads(done.read_text())
+    k = 0
+    while (pdir / f"{f.stem}_{k:05d}.json").is_file():
+        state.shards.append(json.loads((pdir / f"{f.stem}_{k:05d}.json").read_text()))
+        k += 1
+    return state
+
+
+class FileSharder:
+    """Receives one file's EncodedBatches in row order and writes its shards."""
+
+    def __init__(self, out_dir: Path, f: InputFile, state: FileState, shard_tokens: int, dtype):
+        self.out_dir, self.file, self.shard_tokens = out_dir, f, shard_tokens
+        self.dtype = np.dtype(dtype)
+        self.index = len(state.shards)
+        self.start_row = state.next_row
+        self.skips: list[tuple[int, str]] = []    # not yet attributed to a shard
+        self.builder = None  # megatron.core IndexedDatasetBuilder of the open shard
+        self.tokens = 0
+        self.documents = 0
+        self.new_shards: list[dict] = []          # committed by this run
+
+    def add(self, batch: EncodedBatch) -> None:
+        self.skips.extend(batch.skips)
+        n = len(batch.lengths)
+        if n == 0:
+            return
+        cumulative = np.cumsum(batch.lengths)
+        doc, token_base = 0, 0
+        while doc < n:
+            # first document j >= doc whose addition fills the current shard
+            target = token_base + self.shard_tokens - self.tokens
+            j = int(np.searchsorted(cumulative, target, side="left"))
+            last = min(j, n - 1)
+            token_end = int(cumulative[last])
+            self._append(batch.tokens[token_base:token_end], batch.lengths[doc:last + 1])
+            if j < n:
+                self._close(end_row=int(batch.rows[last]) + 1)
+            doc, token_base = last + 1, token_end
+
+    def finish(self, total_rows: int) -> dict:
+        """Close the file's last shard and commit the file's done record."""
+        if self.builder is not None:
+            self._close(end_row=total_rows)
+        trailing = [s for s in self.skips if s[0] >= self.start_row]
+        done = {"source": self.file.path, "subset": self.file.subset, "rows": total_rows,
+                "shards": self.index, "trailing_rows": [self.start_row, total_rows],
+                "skipped": dict(Counter(reason for _, reason in trailing)),
+                "skips": [list(s) for s in trailing[:MAX_LISTED_SKIPS]]}
+        write_json_atomic(progress_dir(self.out_dir, self.file) / f"{self.file.stem}.done.json", done)
+        return done
+
+    def _append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self.builder is None:
+            # imported here: importing megatron.core takes seconds, and workers never need it
+            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+            prefix = self.out_dir / shard_prefix(self.file, self.index)
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            self.builder = IndexedDatasetBuilder(str(prefix) + ".bin.tmp", dtype=self.dtype.type)
+        # One write per contiguous run of documents instead of add_document per document; the
+        # lists are the builder's own index state, which finalize() turns into the .idx file.
+        self.builder.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        first = len(self.builder.sequence_lengths)
+        self.builder.sequence_lengths.extend(lengths.tolist())
+        self.builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
+        self.tokens += int(lengths.sum())
+        self.documents += len(lengths)
+
+    def _close(self, end_row: int) -> None:
+        prefix = self.out_dir / shard_prefix(self.file, self.index)
+        self.builder.finalize(str(prefix) + ".idx.tmp")
+        os.replace(str(prefix) + ".bin.tmp", str(prefix) + ".bin")
+        os.replace(str(prefix) + ".idx.tmp", str(prefix) + ".idx")
+        mine = [s for s in self.skips if s[0] < end_row]
+        self.skips = [s for s in self.skips if s[0] >= end_row]
+        record = {"prefix": shard_prefix(self.file, self.index), "subset": self.file.subset,
+                  "source": self.file.path, "rows": [self.start_row, end_row],
+                  "documents": self.documents, "tokens": self.tokens,
+                  "skipped": dict(Counter(reason for _, reason in mine)),
+                  "skips": [list(s) for s in mine[:MAX_LISTED_SKIPS]]}
+        write_json_atomic(progress_dir(self.out_dir, self.file) / f"{self.file.stem}_{self.index:05d}.json", record)
+        self.new_shards.append(record)
+        self.index += 1
+        self.start_row = end_row
+        self.builder, self.tokens, self.documents = None, 0, 0
