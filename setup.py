@@ -34,7 +34,14 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "hf": ["transformers>=4.46", "accelerate"],  # accelerate: device_map / big-model loading
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout", "mpi4py", "mpich"],
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "mpi4py",
+            "mpich",
+            # CPU pipelines work without a GPU; the test checks DALI batches == default loader's.
+            "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
     },
     entry_points={
         "console_scripts": [

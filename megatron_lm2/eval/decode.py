@@ -27,16 +27,25 @@ from megatron_lm2.memory_state import carry_memory, load_memory_banks, memory_ba
 
 class HFGenerator:
     """Greedy generation with a HF model and tokenizer (the model carries its own memory
-    across its `generate` steps, if it has any)."""
+    across its `generate` steps, if it has any).
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 20):
+    add_special_tokens: whether the tokenizer may add its BOS (or other template tokens) to
+    the prompt. Default: not for an LM2 export, which was trained on documents encoded by
+    megatron_lm2.tokenizer (never any special token), so its prompts encode as the Megatron
+    backend's do; the tokenizer's own default for any other model.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 20, add_special_tokens: Optional[bool] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        if add_special_tokens is None:
+            add_special_tokens = getattr(model.config, "model_type", None) != "lm2"
+        self.add_special_tokens = add_special_tokens
 
     @torch.no_grad()
     def __call__(self, prompt: str) -> str:
-        encoded = self.tokenizer(prompt, return_tensors="pt")
+        encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=self.add_special_tokens)
         input_ids = encoded["input_ids"].to(self.model.device)
         attention_mask = encoded.get("attention_mask")
         if attention_mask is not None:
@@ -181,9 +190,10 @@ class MegatronGenerator:
         if self.tokenizer is None:
             raise ValueError("MegatronGenerator needs a tokenizer to decode text prompts")
         ids = self.generate_ids(self.tokenizer.encode(prompt))
-        if self.eod is not None and ids and ids[-1] == self.eod:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids)
+        # Leave out the special tokens (the eod it stopped at, a bos or pad it emitted), as
+        # HFGenerator's decode(skip_special_tokens=True) does.
+        special = {self.eod, getattr(self.tokenizer, "bos", None), getattr(self.tokenizer, "pad", None)}
+        return self.tokenizer.decode([i for i in ids if i not in special])
 
 
 def _reset(model) -> None:

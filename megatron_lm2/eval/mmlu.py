@@ -169,10 +169,23 @@ class _Scorer:
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         raise NotImplementedError
 
+    def split_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as the joined text encodes: the encoding of
+        context + continuation, cut after the context's own tokens. Encoding the continuation
+        alone is wrong for SentencePiece, which puts a word-start marker before any text it
+        encodes: " A" alone is [▁, ▁A], in the running text just [▁A]; and HF's conversion of
+        the same .model does not add it, so the two backends would score different tokens.
+        When the context's tokens are not a prefix of the joined text's (a merge across the
+        boundary), the two are encoded apart."""
+        ctx, whole = self.encode(context), self.encode(context + continuation)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx):]
+        return ctx, self.encode(continuation)
+
     def loglikelihood(self, context: str, continuation: str) -> float:
-        """log p(continuation | context), encoding the two apart (so the continuation's tokens
-        are the same for every context) and keeping the last max_length tokens."""
-        ctx, cont = self.encode(context), self.encode(continuation)
+        """log p(continuation | context) over the continuation's tokens (split_ids), keeping
+        the last max_length tokens."""
+        ctx, cont = self.split_ids(context, continuation)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens")
         ids = (ctx + cont)[-self.max_length:]
@@ -207,11 +220,15 @@ class MegatronScorer(_Scorer):
     @torch.no_grad()
     def logits(self, ids):
         from megatron_lm2.eval.decode import _gather_vocab
+        from megatron_lm2.model import attention_mask
 
         self.model.eval()
         device = next(self.model.parameters()).device
         x = torch.tensor([list(ids)], device=device)
-        return _gather_vocab(self.model(x, torch.arange(len(ids), device=device)[None], None))[0].float().cpu()
+        # The window mask as in training (None is Megatron's plain causal mask, which would
+        # let a windowed model attend across windows it never saw together).
+        mask = attention_mask(len(ids), getattr(self.model.config, "attention_window", None), device)
+        return _gather_vocab(self.model(x, torch.arange(len(ids), device=device)[None], mask))[0].float().cpu()
 
 
 # ------------------------------------------------------------------------------ scoring

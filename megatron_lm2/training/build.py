@@ -1,0 +1,128 @@
+"""Model chunks, optimizer and learning-rate schedule for a TrainConfig.
+
+Model: one LM2 GPTModel chunk per virtual pipeline stage (megatron_lm2.model.build_model),
+bf16 through Megatron's Float16Module, wrapped in Megatron-core's DistributedDataParallel with
+the distributed optimizer (gradients reduce-scattered, fp32 main weights sharded over DP).
+
+Optimizer: Megatron's AdamW (get_megatron_optimizer) with weight decay on matrices only: no
+decay on norms, biases (1-D tensors) or a learned memory start value `initial_bank`, which is
+a state, not a projection, and should not be pulled towards zero.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+from megatron.core.transformer.module import Float16Module
+
+from megatron_lm2.compat import cuda_available
+from megatron_lm2.config import ConfigError, LM2Config
+from megatron_lm2.model import build_model
+from megatron_lm2.training.config import TrainConfig
+
+
+def transformer_backend(train: TrainConfig) -> str:
+    """'te' on GPUs with Transformer Engine, 'local' otherwise; FP8 needs TE."""
+    if train.transformer_impl != "auto":
+        backend = train.transformer_impl
+    else:
+        backend = "te" if cuda_available() and _te_available() else "local"
+    if train.fp8_format and (backend != "te" or not cuda_available()):
+        raise ConfigError(
+            f"--fp8-format {train.fp8_format} needs a CUDA GPU with Transformer Engine installed "
+            f"(found cuda={cuda_available()}, transformer_engine={_te_available()}, layer "
+            f"implementation {backend!r}); drop --fp8-format to train in bf16/fp32")
+    if backend == "te" and not _te_available():
+        raise ConfigError("--transformer-impl te: transformer_engine does not import on this machine")
+    return backend
+
+
+def _te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401  (RuntimeError, not ImportError, without CUDA)
+    except Exception:
+        return False
+    return True
+
+
+def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[DistributedDataParallel]:
+    backend = transformer_backend(train)
+    vpp = train.virtual_pipeline_model_parallel_size
+    if vpp and train.pipeline_model_parallel_size > 1:
+        chunks = [build_model(config, backend, vp_stage=i) for i in range(vpp)]
+    else:
+        chunks = [build_model(config, backend)]
+    if cuda_available():
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    if config.bf16 or config.fp16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,  # the trainer skips such steps itself (and counts them)
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk buckets: with interleaving the others sync in one go.
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+    config.no_sync_func = [chunk.no_sync for chunk in wrapped]
+    if len(wrapped) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    config.finalize_model_grads_func = finalize_model_grads
+    # Losses are summed over tokens and divided once by the global token count
+    # (finalize_model_grads), so DP and micro-batch splits give the same gradient.
+    config.calculate_per_token_loss = True
+    return wrapped
+
+
+def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
+    return param.dim() == 1 or name.endswith(".bias") or name.endswith("initial_bank")
+
+
+def build_optimizer(train: TrainConfig, config: LM2Config, chunks) -> tuple:
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad,
+        bf16=config.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=True,
+    )
+    overrides = {
+        ParamKey(with_name_predicate=ParamWithNamePredicate("lm2_no_decay", no_weight_decay)):
+            ParamGroupOverride(wd_mult=0.0)
+    }
+    optimizer = get_megatron_optimizer(optimizer_config, chunks, config_overrides=overrides)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=train.lr_warmup_iters,
+        lr_decay_steps=train.lr_decay_iters or train.train_iters,
+        lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=train.train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler

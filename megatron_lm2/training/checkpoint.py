@@ -1,0 +1,296 @@
+"""Checkpoints with megatron.core.dist_checkpointing: atomic, keep-last-K, auto-resume,
+loadable at another TP/PP layout.
+
+Layout of a save directory:
+
+    <save>/iter_0000200/      one dist_checkpointing checkpoint (every rank's shards)
+    <save>/iter_0000300/
+    <save>/latest             "iter_0000300": the newest COMPLETE checkpoint
+    <save>/.tmp-iter_0000400/ a save in progress (deleted by the next save)
+
+Atomicity: all ranks write into `.tmp-iter_N`; after a barrier rank 0 renames it to `iter_N`,
+then replaces `latest` (tmp file + fsync + os.replace). A process killed at any point leaves
+`latest` naming a complete checkpoint, so resuming never sees a half-written one.
+
+What a checkpoint holds: the model's sharded state dict, the distributed optimizer's state in
+Megatron's "fully_reshardable" form (so a different TP/PP/DP can load it), the LR scheduler,
+the step, the data position (consumed samples), the skipped-step counters and every rank's RNG
+states. No memory-bank state: every training sequence starts from M_0 (see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_lm2.compat import cuda_available
+
+TRACKER = "latest"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+# Megatron's format that reshards the distributed optimizer across TP, PP and DP.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def iteration_dir(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
+    """The checkpoint `directory/latest` names, or `directory` itself when it is one; None when
+    there is nothing to resume from."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    if os.path.isfile(os.path.join(directory, "metadata.json")):
+        return directory
+    tracker = os.path.join(directory, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as handle:
+        name = handle.read().strip()
+    path = os.path.join(directory, name)
+    if not _ITER.match(name) or not os.path.isdir(path):
+        raise RuntimeError(f"{tracker} names {name!r}, which is not a checkpoint directory in {directory}")
+    return path
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """DDP -> Float16Module -> GPTModel: the module whose sharded_state_dict names parameters
+    the same at every layout and precision."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _layout() -> dict:
+    return dict(
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        dp=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def _rng_state() -> dict:
+    return dict(
+        random=random.getstate(),
+        numpy=np.random.get_state(),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state() if cuda_available() else None,
+        tracker=get_cuda_rng_tracker().get_states(),
+    )
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and cuda_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_object(state: Optional[dict]) -> ShardedObject:
+    # One object per (PP, TP) rank; DP replicas share it (replica_id = DP rank).
+    layout = _layout()
+    return ShardedObject(
+        "rng_state", state, (layout["pp"], layout["tp"]),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool, with_rng: bool) -> dict:
+    state = {}
+    for index, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{index}"
+        state[key] = unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=SHARDING_METADATA)
+    if with_rng:
+        state["rng_state"] = _rng_object(None if is_loading else _rng_state())
+    return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch AdamW has no per-parameter state until its first step, and the distributed
+    optimizer's state_dict() (which sharded_state_dict(is_loading=True) calls) needs `step` in
+    it when neither Apex nor TE provides the fused Adam. Create the state torch would create,
+    zeros; loading overwrites it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state[param]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state.setdefault("exp_avg", torch.zeros_like(param, memory_format=torch.preserve_format))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
+
+
+def _patch_torch_adam_loading(optimizer) -> None:
+    """megatron-core 0.16 with torch's AdamW (no Apex/TE, i.e. on CPU): loading the distributed
+    optimizer's parameter state copies every key of the live state (which holds torch's `step`)
+    from the checkpoint's tensors, which carry no `step` (it is restored from the param groups
+    just before), and fails with KeyError 'step'. Copy only the tensors the checkpoint has.
+    GPU runs with TE's FusedAdam keep no per-parameter `step` and are left alone."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, distrib_optimizer.DistributedOptimizer):
+            continue
+        if inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+
+        def set_states(model_param, tensors, inner=inner):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+            state = inner.optimizer.state[main_param]
+            for key, value in tensors.items():
+                (main_param if key == "param" else state[key]).copy_(value)
+
+        inner._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """The distributed optimizer's loader (no Apex/TE) gives every parameter the SAME `step`
+    tensor; torch's AdamW increments each parameter's step in place, so a shared one would
+    advance once per parameter and skew the bias correction. One tensor per parameter."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            for state in torch_optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tracker(directory: str, name: str) -> None:
+    tmp = os.path.join(directory, f".{TRACKER}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(directory, TRACKER))
+    _fsync_dir(directory)
+
+
+def list_checkpoints(directory: str) -> List[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER.match, os.listdir(directory)) if m)
+
+
+def save_checkpoint(directory: str, step: int, chunks, optimizer, scheduler, train_state: dict,
+                    keep_last: int = 0, config: Optional[dict] = None) -> str:
+    """Save on every rank (collective). Returns the final checkpoint path."""
+    name = iteration_dir(step)
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".tmp-{name}")
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(tmp):  # left by a save that was killed
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+
+    _materialize_optimizer_state(optimizer)  # a save before the first step (step 0)
+    state = _sharded_state(chunks, optimizer, is_loading=False, with_rng=True)
+    state["scheduler"] = scheduler.state_dict()
+    state["train_state"] = dict(train_state, step=step)
+    state["layout"] = _layout()
+    state["config"] = config or {}
+    dist_checkpointing.save(state, tmp)
+    _barrier()
+
+    if dist.get_rank() == 0:
+        if os.path.exists(final):  # a checkpoint of this step that `latest` never named
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        _write_tracker(directory, name)
+        _prune(directory, keep_last, keep=step)
+    _barrier()
+    return final
+
+
+def _prune(directory: str, keep_last: int, keep: int) -> None:
+    for entry in os.listdir(directory):
+        if entry.startswith(".tmp-iter_"):
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+    if keep_last <= 0:
+        return
+    steps = list_checkpoints(directory)
+    for step in steps[:-keep_last]:
+        if step != keep:
+            shutil.rmtree(os.path.join(directory, iteration_dir(step)), ignore_errors=True)
+
+
+def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: bool = True) -> dict:
+    """Load into the model chunks (any TP/PP layout), the optimizer and the scheduler; restore
+    RNG when the layout matches the saved one. Returns the train_state dict (step, consumed
+    samples, counters) and `resharded` (True when the layout differs)."""
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved, now = common.get("layout", {}), _layout()
+    same_layout = saved.get("tp") == now["tp"] and saved.get("pp") == now["pp"]
+    # RNG streams exist per (PP, TP) rank: another layout cannot take them over.
+    if load_optimizer:
+        _materialize_optimizer_state(optimizer)
+        _patch_torch_adam_loading(optimizer)
+    state = _sharded_state(chunks, optimizer if load_optimizer else None, is_loading=True,
+                           with_rng=same_layout)
+    loaded = dist_checkpointing.load(state, path)
+    for index, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{index}"
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
+        scheduler.load_state_dict(loaded["scheduler"])
+    else:
+        optimizer.reload_model_params()
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    train_state = dict(loaded["train_state"])
+    train_state["resharded"] = not same_layout
+    train_state["saved_layout"] = saved
+    return train_state
+
+
+def read_train_state(path: str) -> dict:
+    """Step, data position and counters of a checkpoint, without a model (any process)."""
+    return dict(dist_checkpointing.load_common_state_dict(path)["train_state"])
+
+
+def load_weights(path: str, chunks) -> None:
+    """Weights only (any TP/PP layout): the model tensors of a dist checkpoint, e.g. one written by
+    `lm2-convert from-hf` or a training checkpoint whose optimizer state is to be dropped."""
+    state = {("model" if len(chunks) == 1 else f"model{i}"): unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+             for i, chunk in enumerate(chunks)}
+    loaded = dist_checkpointing.load(state, path)
+    for key, chunk in zip(state, chunks):
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)

@@ -1,0 +1,354 @@
+"""TrainConfig: the one typed configuration of a training run, and its command-line flags.
+
+Every field is one Megatron-style flag (`tensor_model_parallel_size` <-> `--tensor-model-parallel-size`);
+the parser is generated from the dataclass, so the CLI cannot drift from the config. Defaults are
+the LM2 paper's 1.7B recipe (docs/training.md). Model fields left at None keep the flavor's
+value; set ones override it (`--flavor debug --num-layers 2 --seq-length 128`).
+
+    config = parse_args(["--flavor", "debug", "--train-iters", "10", "--mock-data"])
+    model_config = config.model_config()      # LM2Config with the overrides applied
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_lm2.config import ConfigError, LM2Config
+
+DATALOADERS = ("megatron", "dali")
+FP8_FORMATS = ("hybrid", "e4m3")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+def _flag(help: str, *, choices=None, nargs=None, positive=False, nonneg=False, group="training"):
+    return dict(help=help, choices=choices, nargs=nargs, positive=positive, nonneg=nonneg, group=group)
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata=_flag(help, **kw))
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # ---- model: a flavor plus overrides (None = the flavor's value)
+    flavor: str = _f("lm2-1.7b", "model flavor (megatron_lm2.flavors.list_flavors())", group="model")
+    num_layers: Optional[int] = _f(None, "override the flavor's number of blocks", positive=True, group="model")
+    hidden_size: Optional[int] = _f(None, "override the hidden size", positive=True, group="model")
+    ffn_hidden_size: Optional[int] = _f(None, "override the MLP width", positive=True, group="model")
+    num_attention_heads: Optional[int] = _f(None, "override attention heads", positive=True, group="model")
+    num_query_groups: Optional[int] = _f(None, "override GQA groups", positive=True, group="model")
+    vocab_size: Optional[int] = _f(
+        None, "model vocabulary (default: the data's tokenizer, else the flavor's); padded to "
+        "a multiple of 128*TP", positive=True, group="model")
+    seq_length: Optional[int] = _f(None, "training sequence length in tokens", positive=True, group="model")
+    memory_slots: Optional[int] = _f(None, "memory bank slots N", positive=True, group="model")
+    memory_heads: Optional[int] = _f(None, "memory read heads", positive=True, group="model")
+    memory_chunk_size: Optional[int] = _f(
+        None, "tokens per memory chunk (the bank is written once per chunk; must divide "
+        "--seq-length)", positive=True, group="model")
+    memory_write: Optional[str] = _f(None, "memory write mode", choices=("attention", "aligned"), group="model")
+    memory_init: Optional[str] = _f(None, "memory start value M_0", choices=("identity", "learned"), group="model")
+    memory_layers: Optional[list] = _f(
+        None, "1-based block numbers that carry a memory bank (for none, use a vanilla "
+        "flavor such as debug-vanilla)", nargs="+", group="model")
+    memory_bptt_chunks: Optional[int] = _f(None, "truncate backprop through the bank every k chunks",
+                                           positive=True, group="model")
+    attention_window: Optional[int] = _f(None, "self-attention window in tokens", positive=True, group="model")
+    transformer_impl: str = _f("auto", "layer implementation: 'te' (Transformer Engine, GPU), 'local', "
+                               "or auto (te when CUDA and TE import)", choices=("auto", "local", "te"),
+                               group="model")
+
+    # ---- parallelism
+    tensor_model_parallel_size: int = _f(1, "tensor-parallel size", positive=True, group="parallel")
+    pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size", positive=True, group="parallel")
+    virtual_pipeline_model_parallel_size: Optional[int] = _f(
+        None, "model chunks per pipeline stage (interleaved 1F1B)", positive=True, group="parallel")
+    sequence_parallel: bool = _f(False, "split activations along the sequence across TP ranks "
+                                 "(needs --transformer-impl te and TP > 1)", group="parallel")
+
+    # ---- batch and schedule
+    micro_batch_size: int = _f(4, "sequences per micro-batch per data-parallel rank", positive=True)
+    global_batch_size: int = _f(256, "sequences per optimizer step, all ranks", positive=True)
+    train_iters: int = _f(100_000, "optimizer steps in the whole run", positive=True)
+    exit_interval: Optional[int] = _f(None, "save and exit when step %% N == 0 (for tests and "
+                                      "time-boxed jobs)", positive=True)
+    lr: float = _f(2e-4, "peak learning rate", positive=True)
+    min_lr: float = _f(2e-5, "learning rate at the end of the decay", nonneg=True)
+    lr_warmup_iters: int = _f(700, "linear warmup steps", nonneg=True)
+    lr_decay_iters: Optional[int] = _f(None, "decay steps (default: --train-iters)", positive=True)
+    lr_decay_style: str = _f("cosine", "decay shape", choices=LR_DECAY_STYLES)
+    weight_decay: float = _f(0.1, "AdamW weight decay (not on norms, biases, initial_bank)", nonneg=True)
+    adam_beta1: float = _f(0.9, "AdamW beta1", nonneg=True)
+    adam_beta2: float = _f(0.95, "AdamW beta2", nonneg=True)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", positive=True)
+    clip_grad: float = _f(1.0, "clip the global gradient norm to this (0 = off)", nonneg=True)
+    bf16: bool = _f(False, "bf16 parameters and compute (fp32 main weights in the optimizer)")
+    fp8_format: Optional[str] = _f(None, "FP8 through Transformer Engine (GPU only)", choices=FP8_FORMATS)
+    seed: int = _f(1234, "random seed (init, data order)", nonneg=True)
+    max_skipped_steps: int = _f(5, "halt after this many steps in a row with NaN/Inf loss or "
+                                "gradients (each is skipped)", positive=True)
+
+    # ---- data
+    data_path: Optional[list] = _f(
+        None, "a preprocessed directory (manifest.json + blend.json), or Megatron-style "
+        "'[weight] prefix ...' shard prefixes", nargs="+", group="data")
+    blend_file: Optional[str] = _f(None, "blend.json from lm2-preprocess (prefixes + weights)", group="data")
+    tokenizer: Optional[str] = _f(
+        None, "tokenizer file or directory whose vocab size and end-of-document id the data "
+        "uses (default: the one lm2-preprocess recorded in manifest.json)", group="data")
+    mock_data: bool = _f(False, "random tokens (MockGPTDataset): smoke runs without data", group="data")
+    split: str = _f("98,2,0", "train,valid,test split of the documents", group="data")
+    data_cache_path: Optional[str] = _f(
+        None, "where GPTDataset index caches go (default: <save>/data_cache or next to the "
+        "data); must be on a filesystem every node sees", group="data")
+    dataloader: str = _f("megatron", "loader backend", choices=DATALOADERS, group="data")
+    num_workers: int = _f(0, "loader worker processes", nonneg=True, group="data")
+    eod_mask_loss: bool = _f(False, "no loss on end-of-document targets", group="data")
+
+    # ---- checkpoints
+    save: Optional[str] = _f(None, "checkpoint directory to write", group="checkpoint")
+    load: Optional[str] = _f(None, "checkpoint directory to resume from (default: --save)",
+                             group="checkpoint")
+    init_from: Optional[str] = _f(
+        None, "start from these weights only (a dist checkpoint, e.g. from lm2-convert from-hf, or a "
+        "run directory's latest): fresh optimizer and schedule, step 0; a checkpoint to resume "
+        "from in --load/--save wins", group="checkpoint")
+    save_interval: Optional[int] = _f(None, "save every N steps", positive=True, group="checkpoint")
+    keep_last: int = _f(3, "keep the newest K checkpoints (0 = keep all)", nonneg=True, group="checkpoint")
+    no_save_on_signal: bool = _f(False, "do not save on SIGTERM / SIGUSR1", group="checkpoint")
+
+    # ---- logging and evaluation
+    log_interval: int = _f(10, "steps per log line", positive=True, group="logging")
+    eval_interval: Optional[int] = _f(None, "validate every N steps", positive=True, group="logging")
+    eval_iters: int = _f(10, "validation batches per evaluation", positive=True, group="logging")
+    tensorboard_dir: Optional[str] = _f(None, "TensorBoard event directory (default: <save>/tensorboard)",
+                                        group="logging")
+    wandb_project: Optional[str] = _f(None, "log to this Weights & Biases project (needs wandb)",
+                                      group="logging")
+    wandb_run_name: Optional[str] = _f(None, "W&B run name", group="logging")
+    metrics_file: Optional[str] = _f(None, "append one JSON line per log interval here "
+                                     "(default: <save>/metrics.jsonl)", group="logging")
+
+    # ---- dry run (megatron_lm2.training.plan)
+    dry_run: bool = _f(False, "print the layout and launch command for --nodes x --gpus-per-node and "
+                       "exit; runs on a CPU", group="plan")
+    nodes: int = _f(1, "nodes (dry run)", positive=True, group="plan")
+    gpus_per_node: int = _f(8, "GPUs per node (dry run)", positive=True, group="plan")
+    gpu: str = _f("H100", "GPU type for the dry run's MFU/memory table", group="plan")
+
+    # ------------------------------------------------------------------------------
+    MODEL_FIELDS = (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "vocab_size", "seq_length", "memory_slots", "memory_heads", "memory_chunk_size",
+        "memory_write", "memory_init", "memory_layers", "memory_bptt_chunks", "attention_window",
+    )
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Cross-field checks; ConfigError names the flag(s)."""
+        from megatron_lm2.flavors import list_flavors
+
+        if self.flavor not in list_flavors():
+            raise ConfigError(f"--flavor {self.flavor!r}: known flavors are {', '.join(list_flavors())}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)} must be in [0, 1)")
+        decay = self.lr_decay_iters or self.train_iters
+        if self.lr_warmup_iters >= decay:
+            raise ConfigError(
+                f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than the decay length "
+                f"{decay} (--lr-decay-iters, default --train-iters)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of "
+                f"--micro-batch-size {self.micro_batch_size}")
+        if self.fp8_format and not self.bf16:
+            raise ConfigError(f"--fp8-format {self.fp8_format} needs --bf16 (FP8 GEMMs with bf16 elsewhere)")
+        sources = [bool(self.mock_data), bool(self.data_path), bool(self.blend_file)]
+        if sum(sources) > 1 or (sum(sources) == 0 and not self.dry_run):
+            raise ConfigError("give exactly one of --mock-data, --data-path, --blend-file")
+        try:
+            split = [float(x) for x in self.split.split(",")]
+            if len(split) != 3 or min(split) < 0 or split[0] <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--split {self.split!r}: expected three non-negative numbers like 98,2,0 "
+                              f"with a positive train share") from None
+        if self.eval_interval and split[1] == 0:
+            raise ConfigError(f"--eval-interval {self.eval_interval} needs a validation share in --split "
+                              f"(got {self.split!r})")
+        if self.save_interval and not self.save:
+            raise ConfigError("--save-interval needs --save DIR")
+        if world_size is not None:
+            self.data_parallel_size(world_size)
+        self.model_config()  # the model knobs validate themselves (LM2Config)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                f"{self.pipeline_model_parallel_size}")
+        dp = world_size // model_parallel
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}")
+        return dp
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size(world_size))
+
+    def model_overrides(self) -> dict:
+        overrides = {name: getattr(self, name) for name in self.MODEL_FIELDS if getattr(self, name) is not None}
+        if "memory_layers" in overrides:
+            overrides["memory_layers"] = tuple(int(n) for n in overrides["memory_layers"])
+        return overrides
+
+    def model_config(self, vocab_size: Optional[int] = None) -> LM2Config:
+        """The flavor with this run's overrides, parallel sizes and precision."""
+        import torch
+
+        from megatron_lm2.model import padded_vocab_size
+
+        overrides = self.model_overrides()
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        tp = self.tensor_model_parallel_size
+        overrides.update(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=(
+                self.virtual_pipeline_model_parallel_size if self.pipeline_model_parallel_size > 1 else None),
+            sequence_parallel=self.sequence_parallel and tp > 1,
+        )
+        if self.bf16:
+            overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+        if self.fp8_format:
+            overrides.update(fp8=self.fp8_format, fp8_recipe="delayed")
+        if self.pipeline_model_parallel_size > 1 and self.virtual_pipeline_model_parallel_size:
+            # Interleaving: Megatron-LM's default p2p mode. Batched p2p posts the send to the next
+            # and to the previous stage on one channel; with PP=2 both peers are the same rank
+            # and the activation and gradient messages can be matched crosswise (seen on gloo).
+            overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+            num_layers = overrides.get("num_layers") or _flavor_field(self.flavor, "num_layers")
+            stages = self.pipeline_model_parallel_size * self.virtual_pipeline_model_parallel_size
+            if num_layers % stages:
+                raise ConfigError(
+                    f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size x "
+                    f"--virtual-pipeline-model-parallel-size = {stages}")
+        try:
+            config = _flavor(self.flavor, overrides)
+            padded = padded_vocab_size(config.vocab_size, tp)
+            if padded != config.vocab_size:
+                config = config.replace(vocab_size=padded)
+        except ConfigError as error:
+            raise ConfigError(_name_flags(str(error))) from None
+        if config.num_layers % self.pipeline_model_parallel_size:
+            raise ConfigError(
+                f"--num-layers {config.num_layers} is not divisible by --pipeline-model-parallel-size "
+                f"{self.pipeline_model_parallel_size}")
+        if config.num_attention_heads % tp:
+            raise ConfigError(
+                f"--num-attention-heads {config.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp}")
+        return config
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def checkpoint_dir(self) -> Optional[str]:
+        return self.load or self.save
+
+
+def _flavor(name: str, overrides: dict) -> LM2Config:
+    from megatron_lm2.flavors import get_flavor
+
+    try:
+        return get_flavor(name, **overrides)
+    except (AssertionError, ValueError, TypeError) as error:  # TransformerConfig's own checks
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(str(error)) from None
+
+
+def _flavor_field(name: str, field_name: str):
+    from megatron_lm2.flavors import get_flavor
+
+    return getattr(get_flavor(name), field_name)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _name_flags(message: str) -> str:
+    """LM2Config names fields (memory_chunk_size=...); name the flags a user typed instead."""
+    for name in TrainConfig.MODEL_FIELDS + ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        message = message.replace(f"{name}=", f"{flag(name)}=")
+    return message
+
+
+# --------------------------------------------------------------------------- parser
+_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+          "Optional[str]": str, "Optional[list]": str, "bool": bool}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lm2-train",
+        description="Pretrain an LM2 model on Megatron-core (docs/training.md). Defaults are the "
+        "paper's 1.7B recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kind = _TYPES[str(f.type)]
+        if kind is bool:
+            group.add_argument(flag(f.name), dest=f.name, action="store_true", help=meta["help"])
+            continue
+        group.add_argument(
+            flag(f.name), dest=f.name, type=_checked(kind, f.name, meta), default=f.default,
+            choices=meta["choices"], nargs=meta["nargs"], help=meta["help"],
+            metavar=f.name.upper() if meta["choices"] is None else None,
+        )
+    return parser
+
+
+def _checked(kind, name, meta):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if meta["positive"] and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if meta["nonneg"] and value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> TrainConfig:
+    """Flags -> a validated TrainConfig. Bad values exit with status 2 and a message naming the
+    flag (argparse's convention)."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    config = TrainConfig(**vars(namespace))
+    if world_size is None:
+        world_size = None if config.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config.validate(world_size)
+    except ConfigError as error:
+        parser.error(str(error))
+    return config

@@ -1,0 +1,231 @@
+"""Training data: Megatron-core's GPTDataset over lm2-preprocess shards (or MockGPTDataset),
+built through BlendedMegatronDatasetBuilder, read in a resumable order.
+
+Where the data comes from (docs/preprocess.md):
+  --data-path DIR          a preprocessed directory: manifest.json (tokenizer ids) + blend.json
+  --blend-file FILE        a blend.json; the manifest.json next to it gives the tokenizer ids
+  --data-path [W] PREFIX.. Megatron-style shard prefixes (weights optional); the nearest
+                           manifest.json above the first prefix gives the tokenizer ids
+  --tokenizer PATH         overrides the manifest's tokenizer ids (and replaces the manifest
+                           for bare prefixes)
+  --mock-data              random documents, no files
+
+Index caches: BlendedMegatronDatasetBuilder builds on global rank 0 first, then a barrier, then
+the other ranks read the cache, so the cache directory must be on a filesystem every node sees.
+Every rank calls the builder (a rank that skipped it would leave the others waiting at that
+barrier), and every rank reads its own batches: no broadcast inside the TP group is needed
+because the order is a pure function of (seed, consumed samples).
+
+Order: the global batch of step s is samples [s*G, (s+1)*G) of the (shuffled) dataset; data
+parallel rank r takes micro-batch slices r*m..(r+1)*m of each m*DP slab (Megatron's pretraining
+sampler). Resuming at step s needs only `consumed_samples = s*G`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from megatron_lm2.config import ConfigError
+from megatron_lm2.training.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class TokenizerIds:
+    """What GPTDataset needs from a tokenizer (it never tokenizes)."""
+
+    vocab_size: int
+    eod: int
+    pad: int
+    name: str = "unknown"
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:  # part of the index cache's hash
+        return OrderedDict(cls="TokenizerIds", name=self.name, vocab_size=self.vocab_size, eod=self.eod)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    blend: Optional[Tuple[List[str], Optional[List[float]]]]  # None = mock data
+    tokenizer: TokenizerIds
+    manifest: Optional[str] = None
+
+
+def resolve_source(train: TrainConfig, model_vocab_size: int) -> DataSource:
+    """Find the shards, their weights and the tokenizer ids; errors name the flag and file."""
+    if train.mock_data:
+        return DataSource(None, TokenizerIds(model_vocab_size, eod=0, pad=model_vocab_size - 1, name="mock"))
+    if train.blend_file:
+        if not os.path.isfile(train.blend_file):
+            raise ConfigError(f"--blend-file {train.blend_file}: no such file")
+        prefixes, weights = _load_blend(train.blend_file, "--blend-file")
+        manifest = os.path.join(os.path.dirname(os.path.abspath(train.blend_file)), "manifest.json")
+        if not os.path.isfile(manifest):
+            raise ConfigError(f"--blend-file {train.blend_file}: no manifest.json next to it "
+                              f"(lm2-preprocess writes both); the tokenizer's ids come from it")
+    elif (len(train.data_path) == 1 and os.path.isdir(train.data_path[0])
+          and not os.path.isfile(train.data_path[0] + ".bin")):
+        directory = train.data_path[0]
+        manifest = os.path.join(directory, "manifest.json")
+        blend_file = os.path.join(directory, "blend.json")
+        for path in (manifest, blend_file):
+            if not os.path.isfile(path):
+                raise ConfigError(f"--data-path {directory}: no {os.path.basename(path)} there; is it "
+                                  f"an lm2-preprocess output directory (finished)?")
+        prefixes, weights = _load_blend(blend_file, "--data-path")
+    else:
+        prefixes, weights = _parse_prefixes(train.data_path)
+        manifest = None if train.tokenizer else _find_manifest(prefixes[0])
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                raise ConfigError(f"data shard {prefix + suffix} does not exist (from "
+                                  f"{'--blend-file' if train.blend_file else '--data-path'})")
+    if len(prefixes) == 1:
+        weights = None  # one shard: no BlendedDataset wrapper, the same samples
+    ids = _ids_from_tokenizer(train.tokenizer) if train.tokenizer else _tokenizer_ids(manifest)
+    return DataSource((prefixes, weights), ids, manifest or train.tokenizer)
+
+
+def _ids_from_tokenizer(spec: str) -> TokenizerIds:
+    from megatron_lm2.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(spec)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--tokenizer {spec}: {error}") from None
+    return TokenizerIds(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad, name=tokenizer.sha256)
+
+
+def _load_blend(path: str, flag: str) -> Tuple[List[str], Optional[List[float]]]:
+    try:
+        from megatron_lm2.preprocess.blend import load_blend
+    except ImportError:  # the preprocessing package is optional at run time
+        load_blend = None
+    try:
+        if load_blend is not None:
+            prefixes, weights = load_blend(path)
+        else:
+            with open(path) as handle:
+                blend = json.load(handle)
+            base = os.path.dirname(os.path.abspath(path))
+            prefixes = [os.path.join(base, p) for p in blend["prefixes"]]
+            weights = blend.get("weights")
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"{flag}: cannot read blend file {path}: {error}") from None
+    return list(prefixes), (list(map(float, weights)) if weights else None)
+
+
+def _parse_prefixes(items: List[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron's `--data-path` forms: `p1 p2 ...` or `w1 p1 w2 p2 ...`."""
+
+    def is_number(text):
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+
+    if len(items) >= 2 and is_number(items[0]):
+        if len(items) % 2 or not all(is_number(w) for w in items[0::2]):
+            raise ConfigError(f"--data-path {' '.join(items)}: expected 'weight prefix' pairs")
+        return list(items[1::2]), [float(w) for w in items[0::2]]
+    return list(items), None
+
+
+def _find_manifest(prefix: str) -> str:
+    directory = os.path.dirname(os.path.abspath(prefix))
+    for _ in range(4):
+        candidate = os.path.join(directory, "manifest.json")
+        if os.path.isfile(candidate):
+            return candidate
+        directory = os.path.dirname(directory)
+    raise ConfigError(f"--data-path {prefix}: no manifest.json in the 4 directories above it; the "
+                      f"tokenizer's end-of-document id comes from lm2-preprocess's manifest")
+
+
+def _tokenizer_ids(manifest: str) -> TokenizerIds:
+    try:
+        with open(manifest) as handle:
+            tokenizer = json.load(handle)["tokenizer"]
+        eod = int(tokenizer["eod"])
+        pad = tokenizer.get("pad")
+        return TokenizerIds(
+            vocab_size=int(tokenizer["vocab_size"]), eod=eod, pad=eod if pad is None else int(pad),
+            name=str(tokenizer.get("sha256") or tokenizer.get("name") or manifest))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{manifest}: cannot read tokenizer.vocab_size/eod ({error!r})") from None
+
+
+def dataset_config(train: TrainConfig, source: DataSource, seq_length: int) -> GPTDatasetConfig:
+    cache = train.data_cache_path
+    if cache is None and train.save:
+        cache = os.path.join(train.save, "data_cache")
+    return GPTDatasetConfig(
+        random_seed=train.seed,
+        sequence_length=seq_length,
+        blend=source.blend,
+        split=train.split,
+        tokenizer=source.tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=train.eod_mask_loss,
+        create_attention_mask=False,  # causal (or windowed) mask comes from the model config
+        path_to_cache=cache,
+        mmap_bin_files=True,
+    )
+
+
+def build_datasets(train: TrainConfig, source: DataSource, seq_length: int):
+    """(train, valid) datasets sized for the whole run. Call on every rank."""
+    train_samples = train.train_iters * train.global_batch_size
+    evaluations = (train.train_iters // train.eval_interval + 1) if train.eval_interval else 0
+    valid_samples = evaluations * train.eval_iters * train.global_batch_size
+    cls = MockGPTDataset if source.blend is None else GPTDataset
+    config = dataset_config(train, source, seq_length)
+    train_set, valid_set, _ = BlendedMegatronDatasetBuilder(
+        cls, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    if train_set is None or len(train_set) < train_samples:
+        raise ConfigError(f"the training split holds {0 if train_set is None else len(train_set)} "
+                          f"samples, fewer than --train-iters x --global-batch-size = {train_samples}")
+    return train_set, valid_set
+
+
+class MicroBatchSampler:
+    """Index lists of one micro-batch for this data-parallel rank, from `consumed_samples` on."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int):
+        self.total = total_samples
+        self.consumed = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank = data_parallel_rank
+        self.slab = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // self.slab
+
+    def __iter__(self) -> Iterator[List[int]]:
+        lo = self.rank * self.micro_batch_size
+        for start in range(self.consumed, self.total - self.slab + 1, self.slab):
+            yield list(range(start + lo, start + lo + self.micro_batch_size))
+
+
+def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  num_workers: int = 0) -> Iterator[dict]:
+    """Yields {'tokens', 'labels', 'loss_mask', 'position_ids'} micro-batches [m, s]."""
+    sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
+        persistent_workers=num_workers > 0,
+    )
+    for batch in loader:
+        yield {key: batch[key] for key in ("tokens", "labels", "loss_mask", "position_ids")}

@@ -1,0 +1,200 @@
+"""Dry run: check a training layout on a CPU before asking a cluster for it.
+
+    lm2-train --dry-run --nodes 4 --gpus-per-node 8 --tensor-model-parallel-size 2 ...
+    python -m megatron_lm2.training.plan --nodes 4 --gpus-per-node 8 ...   (same flags)
+
+Prints the TP/PP/DP sizes, the batch arithmetic (micro-batches per step, tokens per step),
+parameters and memory per GPU (weights + gradients + distributed-optimizer states, and an
+activation estimate) and the exact torchrun command each node runs. Builds no model: the
+numbers come from megatron_lm2.accounting and the formulas below.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megatron_lm2.accounting import block_parameters, flops_per_token, memory_parameters, num_parameters
+from megatron_lm2.config import ConfigError, LM2Config
+from megatron_lm2.training.config import TrainConfig, parse_args
+from megatron_lm2.training.metrics import peak_tflops
+
+GPU_MEMORY_GIB = {"H100": 80.0, "H200": 141.0, "A100": 80.0}
+PLAN_FLAGS = ("--dry-run", "--nodes", "--gpus-per-node", "--gpu")
+
+
+@dataclass
+class Plan:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: Optional[int]
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int
+    tokens_per_step: int
+    parameters_total: int
+    parameters_memory: int
+    parameters_per_gpu: int  # the fullest pipeline stage, one TP shard
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    total_gib: float
+    gpu_memory_gib: Optional[float]
+    flops_per_token: float
+    seconds_per_step_at_40_mfu: Optional[float]
+
+
+def stage_parameters(config: LM2Config, tp: int, pp: int) -> int:
+    """Parameters one GPU holds on the fullest pipeline stage, one TP shard. The first stage
+    holds the embedding, the last the output layer and final norm (with tied embeddings and
+    PP > 1 the last stage keeps its own copy of the embedding, as Megatron does)."""
+    per_stage = config.num_layers // pp
+    memory_layers = config.memory_layer_numbers if config.has_memory else ()
+    embedding = config.vocab_size * config.hidden_size
+    output = embedding if (not config.tie_embeddings or pp > 1) else 0
+    stages = []
+    for stage in range(pp):
+        memory = sum(1 for n in memory_layers if stage * per_stage < n <= (stage + 1) * per_stage)
+        params = per_stage * block_parameters(config) + memory * memory_parameters(config)
+        if stage == 0:
+            params += embedding
+        if stage == pp - 1:
+            params += output + config.hidden_size
+        stages.append(params)
+    return -(-max(stages) // tp)
+
+
+def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_attention: bool) -> float:
+    """Activations kept for backward on the first pipeline stage under 1F1B (it holds pp
+    micro-batches of L/pp layers, i.e. L layers' worth), bf16, no recomputation.
+
+    Per Llama block (Korthikanti et al. 2022, without dropout masks): s*b*h*(10 + 24/t) bytes,
+    plus 5*a*s^2*b/t for the attention scores unless a flash kernel recomputes them.
+    Per memory layer, per TP rank: Q, E_mem, gate, gated read and normed input (5 x 2sbh/t
+    bytes), the read scores and fp32 softmax over N slots (b*(H_m/t)*s*N*(2+4) bytes), and
+    per chunk the write's soft-maxed scores and bank-sized tensors (about 6 x b*N*h*2/t).
+    """
+    s, b, h, a = config.seq_length, micro_batch_size, config.hidden_size, config.num_attention_heads
+    block = s * b * h * (10 + 24 / tp)
+    if not flash_attention:
+        block += 5 * a * s * s * b / tp
+    total = config.num_layers * block
+    if config.has_memory:
+        n, hm = config.memory_slots, config.memory_heads
+        chunks = config.num_memory_chunks
+        memory = 5 * 2 * s * b * h / tp + b * (hm / tp) * s * n * 6 + chunks * 6 * b * n * h * 2 / tp
+        total += len(config.memory_layer_numbers) * memory
+    total += 4 * s * b * config.vocab_size / tp  # fp32 logits for the loss, last stage
+    return total
+
+
+def make_plan(train: TrainConfig) -> Plan:
+    world = train.nodes * train.gpus_per_node
+    dp = train.data_parallel_size(world)
+    config = train.model_config()
+    tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
+    counts = num_parameters(config)
+    per_gpu = stage_parameters(config, tp, pp)
+    gib = 1024 ** 3
+    weight_bytes = 2 if (train.bf16 or train.fp8_format) else 4
+    # Gradients reduce in fp32 (grad_reduce_in_fp32); the distributed optimizer shards fp32
+    # main weights (only when the model is bf16) and the two Adam moments over DP.
+    optimizer_bytes = (12 if weight_bytes == 2 else 8) / dp
+    activations = activation_bytes(config, train.micro_batch_size, tp, flash_attention=True)
+    if train.bf16 is False and not train.fp8_format:
+        activations *= 2
+    total = per_gpu * (weight_bytes + 4 + optimizer_bytes) / gib + activations / gib
+    gpu_memory = next((v for k, v in GPU_MEMORY_GIB.items() if k.lower() in train.gpu.lower()), None)
+    fpt = flops_per_token(config)
+    peak = peak_tflops(train.gpu, "fp8" if train.fp8_format else ("bf16" if train.bf16 else "fp32"))
+    tokens = train.global_batch_size * config.seq_length
+    return Plan(
+        world_size=world, tp=tp, pp=pp, dp=dp, vpp=train.virtual_pipeline_model_parallel_size,
+        micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
+        num_microbatches=train.global_batch_size // (train.micro_batch_size * dp),
+        tokens_per_step=tokens, parameters_total=counts.total, parameters_memory=counts.memory,
+        parameters_per_gpu=per_gpu, weights_gib=per_gpu * weight_bytes / gib, grads_gib=per_gpu * 4 / gib,
+        optimizer_gib=per_gpu * optimizer_bytes / gib, activations_gib=activations / gib,
+        total_gib=total, gpu_memory_gib=gpu_memory, flops_per_token=fpt,
+        seconds_per_step_at_40_mfu=(tokens * fpt / (world * peak * 1e12 * 0.4)) if peak else None,
+    )
+
+
+def launch_command(train: TrainConfig, argv: Sequence[str]) -> str:
+    """The command every node runs (torchrun rendezvous on the first node)."""
+    args = _strip_plan_flags(list(argv))
+    if train.nodes == 1:
+        return " ".join(["torchrun", "--standalone", f"--nproc-per-node {train.gpus_per_node}",
+                         "-m megatron_lm2.train", *(shlex.quote(a) for a in args)])
+    return " ".join([
+        "torchrun", f"--nnodes {train.nodes}", f"--nproc-per-node {train.gpus_per_node}",
+        "--rdzv-backend c10d", "--rdzv-endpoint ${MASTER_ADDR}:${MASTER_PORT}", "--rdzv-id ${SLURM_JOB_ID}",
+        "-m megatron_lm2.train", *(shlex.quote(a) for a in args),
+    ])
+
+
+def _strip_plan_flags(argv: list) -> list:
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in PLAN_FLAGS:
+            skip = name != "--dry-run" and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def format_plan(plan: Plan, train: TrainConfig, command: str) -> str:
+    fits = ""
+    if plan.gpu_memory_gib:
+        verdict = "fits" if plan.total_gib < 0.9 * plan.gpu_memory_gib else "DOES NOT FIT"
+        fits = f" of {plan.gpu_memory_gib:.0f} GiB ({train.gpu}): {verdict}"
+    lines = [
+        f"layout      {train.nodes} nodes x {train.gpus_per_node} GPUs = {plan.world_size} | "
+        f"TP {plan.tp} PP {plan.pp} DP {plan.dp}" + (f" VPP {plan.vpp}" if plan.vpp else ""),
+        f"batch       micro {plan.micro_batch_size} x {plan.num_microbatches} micro-batches x DP {plan.dp} = "
+        f"global {plan.global_batch_size} sequences = {plan.tokens_per_step:,} tokens/step",
+        f"model       {train.flavor}: {plan.parameters_total / 1e9:.3f}B parameters "
+        f"({plan.parameters_memory / 1e9:.3f}B memory) | {plan.parameters_per_gpu / 1e6:.1f}M per GPU "
+        f"(fullest stage, one TP shard) | {plan.flops_per_token / 1e9:.2f} GFLOP/token (train)",
+        f"memory/GPU  weights {plan.weights_gib:.2f} + grads {plan.grads_gib:.2f} + optimizer "
+        f"{plan.optimizer_gib:.2f} + activations ~{plan.activations_gib:.2f} = ~{plan.total_gib:.1f} GiB{fits}",
+    ]
+    if plan.seconds_per_step_at_40_mfu:
+        lines.append(f"speed       ~{plan.seconds_per_step_at_40_mfu:.2f} s/step at 40% MFU")
+    lines.append(f"command     {command}")
+    return "\n".join(lines)
+
+
+def print_plan(train: TrainConfig, argv: Sequence[str]) -> Plan:
+    plan = make_plan(train)
+    print(format_plan(plan, train, launch_command(train, argv)), flush=True)
+    return plan
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_lm2.train import quiet_library_warnings
+
+    quiet_library_warnings()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" not in argv:
+        argv.append("--dry-run")
+    train = parse_args(argv)
+    try:
+        print_plan(train, argv)
+    except ConfigError as error:
+        print(f"lm2-train --dry-run: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The training loop.
+
+    Trainer(parse_args([...])).run()
+
+One step = `num_microbatches` micro-batches per data-parallel rank through Megatron's pipeline
+schedule (no pipelining, 1F1B, or interleaved 1F1B), losses summed over tokens and divided by
+the global token count, a NaN/Inf check on loss and gradients, then the distributed optimizer
+and the LR schedule. Memory banks: every forward starts from M_0 (LM2Memory's default when
+not carrying), so a step depends on nothing but weights, optimizer state and its batch, and
+resuming needs no bank state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_lm2 import distributed
+from megatron_lm2.accounting import flops_per_token, num_parameters
+from megatron_lm2.compat import device
+from megatron_lm2.config import ConfigError
+from megatron_lm2.memory_state import gate_stats
+from megatron_lm2.model import attention_mask
+from megatron_lm2.training import checkpoint, data, metrics
+from megatron_lm2.training.build import build_model_chunks, build_optimizer
+from megatron_lm2.training.config import TrainConfig
+from megatron_lm2.training.signals import ExitSignal
+
+
+class TrainingHalted(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+class Trainer:
+    def __init__(self, train: TrainConfig):
+        self.train = train
+        vpp = train.virtual_pipeline_model_parallel_size if train.pipeline_model_parallel_size > 1 else None
+        self.rank, self.world_size = distributed.initialize(
+            train.tensor_model_parallel_size, train.pipeline_model_parallel_size, vpp, seed=train.seed)
+        _check_parallel_state(train)
+        self.dp_size = train.data_parallel_size(self.world_size)
+        self.num_microbatches = train.num_microbatches(self.world_size)
+
+        # The model's vocabulary follows the data's tokenizer unless --vocab-size says otherwise.
+        if train.mock_data:
+            self.model_config = train.model_config()
+            self.source = data.resolve_source(train, self.model_config.vocab_size)
+        else:
+            self.source = data.resolve_source(train, model_vocab_size=0)
+            self.model_config = train.model_config(vocab_size=self.source.tokenizer.vocab_size)
+            if self.source.tokenizer.vocab_size > self.model_config.vocab_size:
+                raise ConfigError(
+                    f"--vocab-size {self.model_config.vocab_size} is smaller than the tokenizer's "
+                    f"{self.source.tokenizer.vocab_size} ({self.source.manifest})")
+        self.seq_length = self.model_config.seq_length
+        self.mask = attention_mask(self.seq_length, self.model_config.attention_window, device=device())
+
+        self.chunks = build_model_chunks(train, self.model_config)
+        self.optimizer, self.scheduler = build_optimizer(train, self.model_config, self.chunks)
+        self.forward_backward = get_forward_backward_func()
+
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.resumed_from: Optional[str] = None
+        self._maybe_resume()
+
+        self.train_set, self.valid_set = data.build_datasets(train, self.source, self.seq_length)
+        self.train_iterators = self._iterators(self.train_set, self.consumed_samples)
+
+        self.flops_per_token = flops_per_token(self.model_config)
+        self.peak = metrics.peak_tflops(
+            metrics.device_name(), "fp8" if train.fp8_format else ("bf16" if train.bf16 else "fp32"))
+        self.writer = None
+        if self.rank == 0:
+            tensorboard = train.tensorboard_dir or (os.path.join(train.save, "tensorboard") if train.save else None)
+            metrics_file = train.metrics_file or (os.path.join(train.save, "metrics.jsonl") if train.save else None)
+            self.writer = metrics.MetricsWriter(tensorboard, metrics_file, train.wandb_project,
+                                                train.wandb_run_name, train.to_dict())
+        self.signals = ExitSignal(enabled=not train.no_save_on_signal)
+        self.history: List[dict] = []  # per-step records (tests and plots read them)
+
+    # ------------------------------------------------------------------------ set-up
+    def _iterators(self, dataset, consumed: int):
+        dp_rank = parallel_state.get_data_parallel_rank()
+        count = len(self.chunks)  # interleaving: one iterator per model chunk, same order
+        return [data.micro_batches(dataset, consumed, self.train.micro_batch_size, dp_rank, self.dp_size,
+                                   self.train.num_workers) if self.train.dataloader == "megatron"
+                else _dali_batches(dataset, consumed, self.train, dp_rank, self.dp_size)
+                for _ in range(count)]
+
+    def _maybe_resume(self) -> None:
+        path = checkpoint.latest_checkpoint(self.train.checkpoint_dir())
+        if path is None:
+            if self.train.load:
+                raise ConfigError(f"--load {self.train.load}: no checkpoint there (no 'latest' file)")
+            if self.train.init_from:
+                self._init_weights(self.train.init_from)
+            return
+        state = checkpoint.load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.resumed_from = path
+        self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)"
+                 + (f"; resharded from {state['saved_layout']}" if state["resharded"] else ""))
+
+    def _init_weights(self, directory: str) -> None:
+        path = checkpoint.latest_checkpoint(directory)
+        if path is None:
+            raise ConfigError(f"--init-from {directory}: not a dist checkpoint (no metadata.json) and no "
+                              f"'latest' file naming one")
+        checkpoint.load_weights(path, self.chunks)
+        self.optimizer.reload_model_params()  # bf16: the fp32 main weights follow the loaded ones
+        self.log(f"initialised weights from {path} (fresh optimizer, step 0)")
+
+    # ------------------------------------------------------------------------- steps
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        dev = device()
+        tokens = batch["tokens"].to(dev, non_blocking=True)
+        labels = batch["labels"].to(dev, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
+        position_ids = batch["position_ids"].to(dev, non_blocking=True)
+        output = model(tokens, position_ids, self.mask, labels=labels)
+        return output, partial(self.loss_func, loss_mask)
+
+    def loss_func(self, loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+        """Sum of the token losses and the token count: the schedule sums these over micro-batches
+        and finalize_model_grads divides the gradients by the global token count."""
+        mask = loss_mask.reshape(-1).float()
+        loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+        num_tokens = mask.sum().to(torch.int)
+        report = torch.stack([loss_sum.detach(), mask.sum()])
+        return loss_sum, num_tokens, {"lm loss": report}
+
+    def _reduce_loss(self, losses) -> float:
+        """Mean token loss of the global batch, known on every rank."""
+        total = torch.zeros(2, dtype=torch.float64, device=device())
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for item in losses:
+                total += item["lm loss"].to(torch.float64)
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def _grads_finite(self) -> bool:
+        """One check per DDP gradient buffer and a single host sync (not one per parameter)."""
+        checks = [torch.isfinite(buffer.grad_data).all()
+                  for chunk in self.chunks for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+        return bool(torch.stack(checks).all()) if checks else True
+
+    def _all_ranks(self, ok: bool) -> bool:
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0
+
+    def train_step(self) -> dict:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=self.train_iterators,
+            model=self.chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.seq_length,
+            micro_batch_size=self.train.micro_batch_size,
+            forward_only=False,
+        )
+        loss = self._reduce_loss(losses)
+        finite = self._all_ranks(math.isfinite(loss) and self._grads_finite())
+        grad_norm = None
+        if finite:
+            updated, grad_norm, _ = self.optimizer.step()
+            finite = bool(updated)
+        if finite:
+            self.scheduler.step(increment=1)
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        return dict(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm), skipped=not finite)
+
+    def evaluate(self) -> float:
+        dp_rank = parallel_state.get_data_parallel_rank()
+        iterators = [data.micro_batches(self.valid_set, 0, self.train.micro_batch_size, dp_rank, self.dp_size)
+                     for _ in self.chunks]
+        for chunk in self.chunks:
+            chunk.eval()
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(self.train.eval_iters):
+                losses = self.forward_backward(
+                    forward_step_func=self.forward_step, data_iterator=iterators, model=self.chunks,
+                    num_microbatches=self.num_microbatches, seq_length=self.seq_length,
+                    micro_batch_size=self.train.micro_batch_size, forward_only=True)
+                total += self._reduce_loss(losses)
+        for chunk in self.chunks:
+            chunk.train()
+        return total / self.train.eval_iters
+
+    # -------------------------------------------------------------------------- loop
+    def run(self) -> List[dict]:
+        train = self.train
+        self.log(self.banner())
+        interval_time, interval_steps = 0.0, 0
+        start_step = self.step
+        run_start = time.perf_counter()
+        saved_step = self.step if self.resumed_from else None
+        try:
+            while self.step < train.train_iters:
+                started = time.perf_counter()
+                result = self.train_step()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - started
+                self.step += 1
+                self.consumed_samples += train.global_batch_size
+                interval_time += elapsed
+                interval_steps += 1
+                record = dict(step=self.step, loss=result["loss"], grad_norm=result["grad_norm"],
+                              lr=self._lr(), skipped=result["skipped"])
+                self.history.append(record)
+                if self.consecutive_skips >= train.max_skipped_steps:
+                    raise TrainingHalted(
+                        f"halting at step {self.step}: {self.consecutive_skips} steps in a row had a "
+                        f"NaN/Inf loss or gradient (loss {result['loss']}); "
+                        + (f"the last good checkpoint is {train.save}/latest. " if train.save
+                           else "no checkpoints were saved (no --save). ")
+                        + "Lower --lr, check the data, or raise --max-skipped-steps.")
+                if self.step % train.log_interval == 0 or self.step == train.train_iters:
+                    self._log_interval(record, interval_time, interval_steps, run_start, start_step)
+                    interval_time, interval_steps = 0.0, 0
+                if train.eval_interval and self.step % train.eval_interval == 0:
+                    self._log_eval()
+                signalled = self.signals.any_rank()
+                exiting = signalled or (train.exit_interval and self.step % train.exit_interval == 0)
+                if train.save and (exiting or (train.save_interval and self.step % train.save_interval == 0)
+                                   or self.step == train.train_iters):
+                    self.save()
+                    saved_step = self.step
+                if exiting:
+                    self.log(f"exiting at step {self.step}: "
+                             + (f"signal {self.signals.received or 'on another rank'}" if signalled
+                                else f"--exit-interval {train.exit_interval}"))
+                    break
+            if train.save and saved_step != self.step:
+                self.save()
+        finally:
+            self.signals.restore()
+            if self.writer is not None:
+                self.writer.close()
+        return self.history
+
+    def save(self) -> str:
+        started = time.perf_counter()
+        path = checkpoint.save_checkpoint(
+            self.train.save, self.step, self.chunks, self.optimizer, self.scheduler,
+            dict(consumed_samples=self.consumed_samples, skipped_steps=self.skipped_steps),
+            keep_last=self.train.keep_last, config=_plain(self.train.to_dict()))
+        self.log(f"saved {path} ({time.perf_counter() - started:.1f}s)")
+        return path
+
+    # ------------------------------------------------------------------------ logging
+    def _lr(self) -> float:
+        for group in self.optimizer.param_groups:
+            if group.get("default_config", True):
+                return float(group["lr"])
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _log_interval(self, record, seconds, steps, run_start, start_step) -> None:
+        tokens = steps * self.train.global_batch_size * self.seq_length
+        rates = metrics.throughput(tokens, seconds, self.world_size, self.flops_per_token, self.peak)
+        per_rank = [None] * self.world_size
+        dist.all_gather_object(per_rank, gate_stats(self.chunks))
+        gates = metrics.gate_groups(metrics.merge_gate_stats(per_rank))
+        done = self.step - start_step
+        eta = (time.perf_counter() - run_start) / max(done, 1) * (self.train.train_iters - self.step)
+        full = dict(record, train_iters=self.train.train_iters, skipped_steps=self.skipped_steps,
+                    consumed_samples=self.consumed_samples, step_time=seconds / steps,
+                    memory_gates=gates, **rates)
+        full.pop("skipped")
+        if self.rank == 0:
+            print(metrics.format_line(full) + f" | eta {_duration(eta)}", flush=True)
+            self.writer.write(full)
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate()
+        if self.rank == 0:
+            print(f"validation step {self.step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}", flush=True)
+            self.writer.write(dict(step=self.step, loss=loss), prefix="valid")
+
+    def banner(self) -> str:
+        c, t = self.model_config, self.train
+        params = num_parameters(c)
+        return (f"LM2 training: flavor {t.flavor} | {params.total / 1e6:.2f}M parameters "
+                f"({params.memory / 1e6:.2f}M memory) | layers {c.num_layers} d {c.hidden_size} "
+                f"seq {self.seq_length} memory chunk {c.memory_chunk_size} | TP {t.tensor_model_parallel_size} "
+                f"PP {t.pipeline_model_parallel_size} DP {self.dp_size} | micro {t.micro_batch_size} x "
+                f"{self.num_microbatches} microbatches, global {t.global_batch_size} | "
+                f"{'bf16' if t.bf16 else 'fp32'}{' fp8-' + t.fp8_format if t.fp8_format else ''} | "
+                f"{t.train_iters} steps from step {self.step} | data "
+                f"{'mock' if self.source.blend is None else self.source.manifest}")
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+
+def _check_parallel_state(train: TrainConfig) -> None:
+    """Megatron's parallel state may have been set up before the trainer (tests, notebooks):
+    it must be the layout the flags ask for."""
+    vpp = train.virtual_pipeline_model_parallel_size if train.pipeline_model_parallel_size > 1 else None
+    now = (parallel_state.get_tensor_model_parallel_world_size(),
+           parallel_state.get_pipeline_model_parallel_world_size(),
+           parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    wanted = (train.tensor_model_parallel_size, train.pipeline_model_parallel_size, vpp)
+    if now != wanted:
+        raise RuntimeError(f"Megatron's parallel state is TP/PP/VPP {now} but the flags ask for {wanted}; "
+                           f"destroy it first (megatron.core.parallel_state.destroy_model_parallel)")
+
+
+def _dali_batches(dataset, consumed, train, dp_rank, dp_size):
+    from megatron_lm2.training.dali import dali_micro_batches
+
+    return dali_micro_batches(dataset, consumed, train.micro_batch_size, dp_rank, dp_size, seed=train.seed)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _plain(values: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}

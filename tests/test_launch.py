@@ -1,0 +1,175 @@
+"""Launching: the slurm script's dry run (layout, batch arithmetic, per-GPU parameters and the
+exact command), the plan for a pipelined layout, flag errors that name the flag, and the
+quickstart end to end (slow)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLURM = os.path.join(ROOT, "slurm", "pretrain_lm2_1p7b.sh")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+def test_slurm_dry_run_prints_layout_and_command():
+    from megatron_lm2.accounting import flops_per_token, num_parameters
+    from megatron_lm2.flavors import get_flavor
+
+    result = subprocess.run(
+        ["bash", SLURM, "--dry-run"], capture_output=True, text=True, timeout=300,
+        env=_env(NODES="4", TP="2", DATA_PATH="/data/lm2/shards", CHECKPOINT_DIR="/ckpt/lm2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
+    # 4 nodes x 8 GPUs, TP 2 -> DP 16; global 256 = micro 4 x 4 micro-batches x 16.
+    assert lines["layout"] == "4 nodes x 8 GPUs = 32 | TP 2 PP 1 DP 16"
+    assert lines["batch"] == ("micro 4 x 4 micro-batches x DP 16 = global 256 sequences = "
+                              f"{256 * 2048:,} tokens/step")
+    config = get_flavor("lm2-1.7b")
+    total = num_parameters(config).total
+    # PP 1: every GPU holds 1/TP of the whole model.
+    per_gpu = -(-total // 2)
+    assert f"{total / 1e9:.3f}B parameters" in lines["model"]
+    assert f"{per_gpu / 1e6:.1f}M per GPU" in lines["model"]
+    assert f"{flops_per_token(config) / 1e9:.2f} GFLOP/token" in lines["model"]
+    # bf16 weights 2 B, fp32 grads 4 B, distributed optimizer 12 B / DP per parameter.
+    gib = 1024 ** 3
+    assert lines["memory/GPU"].startswith(
+        f"weights {per_gpu * 2 / gib:.2f} + grads {per_gpu * 4 / gib:.2f} + optimizer {per_gpu * 12 / 16 / gib:.2f}")
+    assert lines["memory/GPU"].endswith("of 80 GiB (H100): fits")
+    command = lines["command"]
+    assert command.startswith(
+        "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint ${MASTER_ADDR}:${MASTER_PORT} "
+        "--rdzv-id ${SLURM_JOB_ID} -m megatron_lm2.train --flavor lm2-1.7b --seq-length 2048 "
+        "--memory-chunk-size 1024 --bf16 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 "
+        "--micro-batch-size 4 --global-batch-size 256 --train-iters 100000 --lr 2e-4 --min-lr 2e-5 "
+        "--lr-warmup-iters 700 --lr-decay-style cosine --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 "
+        "--clip-grad 1.0 --seed 1234 --data-path /data/lm2/shards")
+    assert "--save /ckpt/lm2 --save-interval 500 --keep-last 3" in command
+    assert "--dry-run" not in command and "--nodes" not in command
+
+
+def test_plan_for_a_pipelined_layout():
+    from megatron_lm2.accounting import block_parameters, memory_parameters
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.plan import make_plan
+
+    train = parse_args(["--dry-run", "--flavor", "lm2-1.7b-mem6", "--nodes", "2", "--gpus-per-node", "8",
+                        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                        "--micro-batch-size", "2", "--global-batch-size", "64", "--bf16"])
+    plan = make_plan(train)
+    assert (plan.world_size, plan.tp, plan.pp, plan.dp) == (16, 2, 2, 4)
+    assert plan.num_microbatches == 64 // (2 * 4)
+    config = train.model_config()
+    d, vocab = config.hidden_size, config.vocab_size
+    # Stage 0: blocks 1-8 (memory in 1-6) + embedding; stage 1: blocks 9-16 + output + norm.
+    first = 8 * block_parameters(config) + 6 * memory_parameters(config) + vocab * d
+    last = 8 * block_parameters(config) + vocab * d + d
+    assert plan.parameters_per_gpu == -(-max(first, last) // 2)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--micro-batch-size", "0"], "argument --micro-batch-size: must be > 0, got 0"),
+        (["--tensor-model-parallel-size", "two"], "argument --tensor-model-parallel-size: expected int, got 'two'"),
+        (["--lr", "-1"], "argument --lr: must be > 0, got -1"),
+        (["--dataloader", "torch"], "argument --dataloader: invalid choice: 'torch'"),
+        (["--global-batch-size", "10", "--micro-batch-size", "4"],
+         "--global-batch-size 10 is not a multiple of --micro-batch-size 4"),
+        (["--flavor", "lm2-2b"], "--flavor 'lm2-2b': known flavors are"),
+        (["--memory-chunk-size", "1000"], "--memory-chunk-size=1000 does not divide --seq-length=2048"),
+        (["--min-lr", "1e-3"], "--min-lr 0.001 is larger than --lr 0.0002"),
+        (["--split", "98,2"], "--split '98,2': expected three non-negative numbers"),
+        (["--tensor-model-parallel-size", "3"], "world size 8 is not divisible by --tensor-model-parallel-size 3"),
+    ],
+)
+def test_bad_flag_values_name_the_flag(argv, message, capsys):
+    from megatron_lm2.training.config import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--mock-data", *argv], world_size=8)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_bad_flag_and_exits_2():
+    result = subprocess.run([sys.executable, "-m", "megatron_lm2.train", "--mock-data", "--global-batch-size", "0"],
+                            capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 2
+    assert "lm2-train: error: argument --global-batch-size: must be > 0, got 0" in result.stderr
+
+
+def test_megatron_style_flags_exist():
+    from megatron_lm2.training.config import build_parser
+
+    flags = {option for action in build_parser()._actions for option in action.option_strings}
+    for name in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--micro-batch-size",
+                 "--global-batch-size", "--seq-length", "--train-iters", "--lr", "--min-lr", "--lr-warmup-iters",
+                 "--weight-decay", "--clip-grad", "--bf16", "--fp8-format", "--save", "--load", "--save-interval",
+                 "--keep-last", "--log-interval", "--eval-interval", "--data-path", "--blend-file", "--mock-data",
+                 "--dataloader", "--flavor", "--seed", "--tensorboard-dir", "--wandb-project",
+                 "--memory-chunk-size", "--dry-run", "--nodes", "--gpus-per-node"):
+        assert name in flags, name
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    """The README's first command, shortened to 10 steps (the full run is ~5 minutes)."""
+    out = tmp_path / "quickstart"
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "examples", "quickstart.sh")], capture_output=True, text=True, timeout=900,
+        env=_env(LM2_PYTHON=sys.executable, LM2_QUICKSTART_DIR=str(out), LM2_QUICKSTART_STEPS="10"))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
+    assert "[quickstart] done" in result.stdout
+
+
+def _fake_slurm(bin_dir, log):
+    """Stand-ins for srun / scontrol / scancel that record what the batch script asks for; the
+    fake srun plays the training step and exits when it receives SIGUSR1."""
+    scripts = {
+        "srun": f'echo "srun $*" >> {log}\necho $$ > {bin_dir}/step.pid\n'
+                f'trap \'echo "step got USR1" >> {log}; exit 0\' USR1\nwhile true; do sleep 0.05; done\n',
+        "scontrol": f'if [ "$1" = show ]; then echo node001; echo node002; else echo "scontrol $*" >> {log}; fi\n',
+        "scancel": f'echo "scancel $*" >> {log}\nkill -USR1 "$(cat {bin_dir}/step.pid)"\n',
+    }
+    for name, body in scripts.items():
+        path = os.path.join(bin_dir, name)
+        with open(path, "w") as handle:
+            handle.write("#!/bin/bash\n" + body)
+        os.chmod(path, 0o755)
+
+
+def test_slurm_script_forwards_usr1_and_requeues(tmp_path):
+    import signal
+    import time
+
+    bin_dir, log = str(tmp_path / "bin"), str(tmp_path / "calls.log")
+    os.makedirs(bin_dir)
+    _fake_slurm(bin_dir, log)
+    env = _env(SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[001-002]",
+               DATA_PATH="/data/shards", CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    env["PATH"] = bin_dir + os.pathsep + env["PATH"]
+    script = subprocess.Popen(["bash", SLURM], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(bin_dir, "step.pid")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    script.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` delivers
+    output, _ = script.communicate(timeout=60)
+    assert script.returncode == 0, output
+    calls = open(log).read().splitlines()
+    assert calls[0].startswith(
+        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 torchrun --nnodes 2 --nproc-per-node 8 "
+        "--rdzv-backend c10d --rdzv-endpoint node001:29500 --rdzv-id 42 -m megatron_lm2.train --flavor lm2-1.7b")
+    assert calls[1:] == ["scancel --signal=USR1 42", "step got USR1", "scontrol requeue 42"]

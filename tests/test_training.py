@@ -1,0 +1,297 @@
+"""The trainer: the same losses at TP1/PP1, TP2, PP2, interleaved PP2 and DP2; NaN/Inf steps
+skipped, counted and halting; bf16; weight decay groups; the data order and the DALI loader."""
+
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_lm2.testing import run_distributed
+
+# A shrunk debug LM2: 4 blocks (so PP2 x VPP2 has one block per chunk), 64-token sequences in
+# two memory chunks (so the bank write trains), 4 micro-batches of 1 per step.
+COMMON = [
+    "--flavor", "debug", "--mock-data", "--num-layers", "4", "--seq-length", "64",
+    "--memory-chunk-size", "32", "--micro-batch-size", "1", "--global-batch-size", "4",
+    "--train-iters", "3", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "1",
+    "--log-interval", "100", "--keep-last", "0",
+]
+
+
+def _train(argv, save_initial=False):
+    """Runs in every rank: train, return per-step losses (every rank knows them)."""
+    import torch.distributed as dist
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(argv, world_size=dist.get_world_size()))
+    if save_initial:
+        trainer.save()  # step 0: the other layouts start from these weights
+    history = trainer.run()
+    return [record["loss"] for record in history]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """TP1/PP1 on one process; saves its initial weights (Megatron draws initial weights in
+    build order, which differs per pipeline stage, so other layouts load these)."""
+    directory = str(tmp_path_factory.mktemp("reference"))
+    losses = run_distributed(_train, 1, COMMON + ["--save", directory], True)[0]
+    return directory, losses
+
+
+@pytest.mark.parametrize(
+    "world,tp,pp,vpp",
+    [(2, 2, 1, None), (2, 1, 2, None), (2, 1, 2, 2), (2, 1, 1, None)],  # DP2: half a batch per rank
+    ids=["tp2", "pp2", "pp2-interleaved", "dp2"],
+)
+def test_layouts_match_single_process(reference, world, tp, pp, vpp):
+    directory, expected = reference
+    initial = os.path.join(directory, "iter_0000000")
+    extra = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    if vpp:
+        extra += ["--virtual-pipeline-model-parallel-size", str(vpp)]
+    results = run_distributed(_train, world, COMMON + extra + ["--load", initial], tp=tp, pp=pp, vpp=vpp)
+    assert len(expected) == 3 and all(math.isfinite(x) for x in expected)
+    for losses in results:
+        assert np.allclose(losses, expected, rtol=1e-5, atol=0), (losses, expected)
+    # Training moved: the losses are not all equal to the first.
+    assert len(set(expected)) == 3
+
+
+# ----------------------------------------------------------------------------- NaN / Inf
+def _nan_run(argv, nan_steps):
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    class NaNTrainer(Trainer):
+        """Poisons the loss (so the gradients too) at chosen steps (1-based)."""
+
+        def loss_func(self, loss_mask, per_token_loss):
+            loss_sum, tokens, report = super().loss_func(loss_mask, per_token_loss)
+            if self.step + 1 in nan_steps:
+                loss_sum = loss_sum * float("nan")
+                report = {key: value * float("nan") for key, value in report.items()}
+            return loss_sum, tokens, report
+
+        def train_step(self):
+            result = super().train_step()
+            first = next(self.chunks[0].parameters())
+            self.snapshots.append(first.detach().clone())
+            return result
+
+    trainer = NaNTrainer(parse_args(argv))
+    trainer.snapshots = []
+    try:
+        history = trainer.run()
+    except Exception as error:  # the halt: report it to the test
+        return dict(error=f"{type(error).__name__}: {error}", skipped=trainer.skipped_steps)
+    same = [torch.equal(a, b) for a, b in zip(trainer.snapshots, trainer.snapshots[1:])]
+    return dict(losses=[r["loss"] for r in history], skipped_flags=[r["skipped"] for r in history],
+                skipped=trainer.skipped_steps, unchanged=same, scheduler_steps=trainer.scheduler.num_steps)
+
+
+def _nan_checks():
+    skip = _nan_run(COMMON + ["--train-iters", "4"], nan_steps={2})
+    halt = _nan_run(COMMON + ["--train-iters", "4", "--max-skipped-steps", "2"], nan_steps={2, 3, 4})
+    return skip, halt
+
+
+def test_nan_steps_are_skipped_counted_and_halt():
+    skip, halt = run_distributed(_nan_checks, 1)[0]
+    assert "error" not in skip, skip
+    assert skip["skipped"] == 1
+    assert skip["skipped_flags"] == [False, True, False, False]
+    assert math.isnan(skip["losses"][1]) and all(math.isfinite(x) for i, x in enumerate(skip["losses"]) if i != 1)
+    # Step 2 left the weights as step 1 had them; steps 3 and 4 changed them again.
+    assert skip["unchanged"] == [True, False, False]
+    assert skip["scheduler_steps"] == 3  # the LR schedule does not advance on a skipped step
+    assert halt["error"].startswith("TrainingHalted: halting at step 3: 2 steps in a row")
+    assert halt["skipped"] == 2
+
+
+# ------------------------------------------------------------------- bf16, weight decay
+def _precision_and_decay():
+    from megatron_lm2.training.build import no_weight_decay
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    argv = COMMON + ["--train-iters", "2", "--memory-init", "learned"]
+    fp32 = Trainer(parse_args(argv))
+    # Which model parameters landed in a wd_mult=0 group of the distributed optimizer.
+    inner = fp32.optimizer.chained_optimizers[0] if hasattr(fp32.optimizer, "chained_optimizers") else fp32.optimizer
+    decay = {}
+    for name, param in fp32.chunks[0].named_parameters():
+        group_index, _ = inner.model_param_group_index_map[param]
+        decay[name] = inner.optimizer.param_groups[group_index]["wd_mult"]
+    expected = {name: 0.0 if no_weight_decay(p, name) else 1.0 for name, p in fp32.chunks[0].named_parameters()}
+    fp32_losses = [r["loss"] for r in fp32.run()]
+    bf16 = Trainer(parse_args(argv + ["--bf16"]))
+    bf16_dtype = next(bf16.chunks[0].parameters()).dtype
+    bf16_losses = [r["loss"] for r in bf16.run()]
+    return decay, expected, fp32_losses, bf16_losses, str(bf16_dtype)
+
+
+def test_bf16_and_weight_decay_groups():
+    decay, expected, fp32_losses, bf16_losses, bf16_dtype = run_distributed(_precision_and_decay, 1)[0]
+    assert decay == expected
+    no_decay = sorted(n for n, w in decay.items() if w == 0.0)
+    # Norm weights, and the learned memory start value, are not decayed; matrices are.
+    assert any(n.endswith("memory.initial_bank") for n in no_decay)
+    assert any(n.endswith("input_layernorm.weight") for n in no_decay)
+    assert all(("norm" in n or n.endswith("initial_bank")) for n in no_decay), no_decay
+    assert any(n.endswith("word_embeddings.weight") and w == 1.0 for n, w in decay.items())
+    assert any(n.endswith("memory.linear_q.weight") and w == 1.0 for n, w in decay.items())
+    assert bf16_dtype == "torch.bfloat16"
+    # Same weights, same data: bf16 tracks fp32 to bf16 precision.
+    assert np.allclose(bf16_losses, fp32_losses, rtol=2e-2), (bf16_losses, fp32_losses)
+
+
+def test_fp8_needs_a_gpu_with_transformer_engine():
+    from megatron_lm2.config import ConfigError
+    from megatron_lm2.training.build import transformer_backend
+    from megatron_lm2.training.config import parse_args
+
+    config = parse_args(COMMON + ["--bf16", "--fp8-format", "hybrid"], world_size=1)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CPU error path does not apply")
+    with pytest.raises(ConfigError, match="--fp8-format hybrid needs a CUDA GPU with Transformer Engine"):
+        transformer_backend(config)
+
+
+# ----------------------------------------------------------------------------------- data
+EOD = 1
+
+
+def _write_fixture(directory, num_docs=60, seed=0):
+    """Documents of consecutive token ids from distinct bases, each ending with EOD, so any
+    window of the dataset can be checked against the documents it came from."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, "shard_00000")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    docs = []
+    for i in range(num_docs):
+        length = int(rng.integers(5, 40))
+        base = 2 + 40 * i
+        doc = list(range(base, base + length)) + [EOD]
+        docs.append(doc)
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    manifest = dict(tokenizer=dict(vocab_size=2 + 40 * num_docs, eod=EOD, pad=0, name="fixture"))
+    with open(os.path.join(directory, "manifest.json"), "w") as handle:
+        json.dump(manifest, handle)
+    with open(os.path.join(directory, "blend.json"), "w") as handle:
+        json.dump(dict(prefixes=["shard_00000"], weights=[1.0]), handle)
+    return docs
+
+
+def _data_config(directory, extra=()):
+    from megatron_lm2.training.config import parse_args
+
+    return parse_args(["--flavor", "debug", "--data-path", directory, "--seq-length", "32",
+                       "--memory-chunk-size", "32", "--train-iters", "5", "--lr-warmup-iters", "1",
+                       "--global-batch-size", "4", "--micro-batch-size", "2",
+                       "--data-cache-path", os.path.join(directory, "cache"), *extra], world_size=1)
+
+
+def test_dataset_windows_come_from_the_documents(tmp_path):
+    from megatron_lm2.training import data
+
+    docs = _write_fixture(str(tmp_path))
+    train = _data_config(str(tmp_path))
+    source = data.resolve_source(train, 0)
+    assert source.tokenizer.eod == EOD and source.tokenizer.vocab_size == 2 + 40 * 60
+    train_set, _ = data.build_datasets(train, source, 32)
+    starts = {d[0] for d in docs}
+    ends = {d[-2] for d in docs}
+    seen = set()
+    for batch in itertools.islice(data.micro_batches(train_set, 0, 2, 0, 1), 20):
+        for tokens, labels in zip(batch["tokens"].tolist(), batch["labels"].tolist()):
+            assert tokens[1:] == labels[:-1]
+            window = tokens + labels[-1:]
+            for a, b in zip(window, window[1:]):
+                # inside a document, a document's end, or the start of the next document
+                assert b == a + 1 or (a in ends and b == EOD) or (a == EOD and b in starts), (a, b)
+            seen.update(t for t in window if t != EOD)
+    assert len(seen) > 200  # many documents were visited, not one repeated window
+
+
+def test_sampler_partitions_batches_and_resumes():
+    from megatron_lm2.training.data import MicroBatchSampler
+
+    total, micro, dp = 40, 2, 2
+    ranks = [list(MicroBatchSampler(total, 0, micro, r, dp)) for r in range(dp)]
+    # Step s of global batch 8 = 2 micro-batches x 2 ranks covers samples [8s, 8s+8) exactly once.
+    flat = sorted(i for rank in ranks for batch in rank for i in batch)
+    assert flat == list(range(total))
+    assert ranks[0][0] == [0, 1] and ranks[1][0] == [2, 3] and ranks[0][1] == [4, 5]
+    resumed = list(MicroBatchSampler(total, 16, micro, 1, dp))
+    assert resumed == ranks[1][4:]
+
+
+def test_data_path_errors_name_the_flag_and_file(tmp_path):
+    from megatron_lm2.config import ConfigError
+    from megatron_lm2.training import data
+
+    with pytest.raises(ConfigError, match=r"--data-path .*: no manifest.json there"):
+        data.resolve_source(_data_config(str(tmp_path)), 0)
+    _write_fixture(str(tmp_path))
+    os.remove(os.path.join(str(tmp_path), "shard_00000.idx"))
+    with pytest.raises(ConfigError, match=r"data shard .*shard_00000.idx does not exist \(from --data-path\)"):
+        data.resolve_source(_data_config(str(tmp_path)), 0)
+
+
+def test_dali_loader_yields_the_same_batches(tmp_path):
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as error:
+        pytest.skip(f"nvidia.dali does not import here ({error}); pip install nvidia-dali-cuda120")
+    from megatron_lm2.training import data
+    from megatron_lm2.training.dali import dali_micro_batches
+
+    _write_fixture(str(tmp_path))
+    train = _data_config(str(tmp_path))
+    train_set, _ = data.build_datasets(train, data.resolve_source(train, 0), 32)
+    # DP rank 1 of 2, resumed after 8 samples.
+    expected = list(itertools.islice(data.micro_batches(train_set, 8, 2, 1, 2), 6))
+    got = list(itertools.islice(dali_micro_batches(train_set, 8, 2, 1, 2), 6))
+    assert len(got) == 6
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------- metrics
+def test_throughput_mfu_and_gate_groups():
+    from megatron_lm2.accounting import flops_per_token
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.training import metrics
+
+    assert metrics.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert metrics.peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert metrics.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert metrics.peak_tflops("cpu", "fp32") is None
+    fpt = flops_per_token(get_flavor("lm2-1.7b"))
+    # 32 GPUs, 524,288 tokens in 1.3 s.
+    rates = metrics.throughput(524_288, 1.3, 32, fpt, 989.0)
+    per_gpu = 524_288 / 1.3 / 32
+    assert rates["tokens_per_sec_per_gpu"] == pytest.approx(per_gpu)
+    assert rates["tflops_per_gpu"] == pytest.approx(per_gpu * fpt / 1e12)
+    assert rates["mfu"] == pytest.approx(per_gpu * fpt / 1e12 / 989.0)
+    assert metrics.throughput(100, 1.0, 1, fpt, None)["mfu"] is None
+    stats = {1: dict(out=0.2, **{"in": 0.4}), 2: dict(out=0.4, **{"in": 0.6}), 3: dict(out=1.0)}
+    groups = metrics.gate_groups(stats, groups=2)
+    assert groups == {"L1-2": {"in": pytest.approx(0.5), "out": pytest.approx(0.3)}, "L3": {"out": 1.0}}
+    line = metrics.format_line(dict(step=3, train_iters=9, loss=2.5, grad_norm=0.5, lr=1e-4,
+                                    tokens_per_sec_per_gpu=10.0, tflops_per_gpu=0.1, mfu=None,
+                                    skipped_steps=0, memory_gates=groups))
+    assert "step 3/9" in line and "MFU n/a" in line and "gates L1-2 in 0.500 out 0.300" in line
