@@ -35,7 +35,12 @@ def megatron_world():
     from megatron_lm2 import distributed
     from megatron_lm2.testing import free_port
 
+    saved = dict(os.environ)
     os.environ["MASTER_PORT"] = str(free_port())
     distributed.initialize(seed=1234)
+    # The process group is up; don't leak RANK/WORLD_SIZE/MASTER_PORT (a port this process now
+    # holds) into subprocesses that later tests start (launch scripts, the quickstart).
+    os.environ.clear()
+    os.environ.update(saved)
     yield
     distributed.destroy()
