@@ -43,6 +43,12 @@ ARCH_FIELDS = (
 )
 
 
+# Memory fields with the same name and meaning in LM2Config and the HF LM2Config.
+_SHARED_MEMORY_FIELDS = (
+    "memory_slots", "memory_heads", "memory_chunk_size", "memory_write", "memory_init",
+    "attention_window",
+)
+
 def check_supported(config: LM2Config) -> None:
     """The converter maps a Llama-3 decoder; refuse anything else by name."""
     problems = []
@@ -139,13 +145,8 @@ def to_hf_config(config: LM2Config, **token_ids):
     return HFLM2Config(
         **kwargs,
         rope_theta=float(config.rotary_base),
-        memory_slots=config.memory_slots,
-        memory_heads=config.memory_heads,
-        memory_chunk_size=config.memory_chunk_size,
-        memory_write=config.memory_write,
-        memory_init=config.memory_init,
+        **{name: getattr(config, name) for name in _SHARED_MEMORY_FIELDS},
         memory_layers=list(config.memory_layer_numbers),
-        attention_window=config.attention_window,
         **token_ids,
     )
 
@@ -197,13 +198,8 @@ def from_hf_config(hf_config, vocab_size: int, seq_length: int | None = None) ->
         fields.update(memory_layers=())
     else:
         fields.update(
-            memory_slots=hf_config.memory_slots,
-            memory_heads=hf_config.memory_heads,
-            memory_chunk_size=hf_config.memory_chunk_size,
-            memory_write=hf_config.memory_write,
-            memory_init=hf_config.memory_init,
+            {name: getattr(hf_config, name) for name in _SHARED_MEMORY_FIELDS},
             memory_layers=tuple(hf_config.memory_layer_numbers),
-            attention_window=hf_config.attention_window,
         )
     return get_flavor("debug", **fields)
 
