@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from megatron_lm2.compat import cuda_available, enable_cpu_compat
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def initialize(
@@ -25,9 +33,8 @@ def initialize(
     if "MASTER_PORT" not in os.environ:
         # A world of one (plain `python`): any free port, so two runs on a box don't collide.
         # Launchers (torchrun, the slurm scripts) always set it.
-        from megatron_lm2.testing import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port()) if "WORLD_SIZE" not in os.environ else "29500"
+        single = os.environ.get("WORLD_SIZE", "1") == "1"
+        os.environ["MASTER_PORT"] = str(free_port()) if single else "29500"
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

@@ -12,7 +12,6 @@ processes are spawned.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -20,11 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_lm2.distributed import free_port
 
 
 def _worker(rank, world_size, port, tp, pp, vpp, seed, func, args, out_dir):

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -38,13 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     from megatron_lm2 import distributed
-    from megatron_lm2.testing import free_port
     from megatron_lm2.training.trainer import Trainer
 
-    if "WORLD_SIZE" not in os.environ and "SLURM_PROCID" not in os.environ:
-        # Plain `python`/`lm2-train`: a world of one; a free port so that two runs can share a box.
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-
+    # A world of one (plain `python`/`lm2-train`) gets a free port in distributed.initialize.
     try:
         Trainer(config).run()
     finally:

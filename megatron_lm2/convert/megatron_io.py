@@ -15,7 +15,6 @@ import io
 import os
 import pickle
 import shutil
-import socket
 from pathlib import Path
 from typing import Dict
 
@@ -152,12 +151,6 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------- process setup
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_single_process() -> None:
     """Megatron's parallel state for one process at TP=1/PP=1 (no-op if already set up, e.g.
     under megatron_lm2.testing.run_distributed with world size 1)."""
@@ -176,8 +169,6 @@ def ensure_single_process() -> None:
                 f"this one has world size {dist.get_world_size()}, TP={tp}, PP={pp}"
             )
         return
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise RuntimeError(
             f"run lm2-convert as a single process, not under torchrun/srun "
