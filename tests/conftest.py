@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs mpiexec (pip install -e .[mpi])"))
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: extra threads only contend with the other processes on a 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def megatron_world():
     """torch.distributed + Megatron parallel state for one process (TP=1, PP=1)."""

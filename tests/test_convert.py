@@ -35,12 +35,8 @@ PP_VARIANTS = ("debug", "vanilla")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: extra threads only contend with the other processes on a 2-core box.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _single_thread(one_thread):
+    """Every test here runs on one thread (conftest.one_thread)."""
 
 
 def _tokens():

@@ -18,12 +18,8 @@ VOCAB = 512
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: extra threads only contend with the other tests on a 2-core box.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _single_thread(one_thread):
+    """Every test here runs on one thread (conftest.one_thread)."""
 
 
 def _model(window=32, write="attention", chunk=16, slots=16, prefill=None, memory_layers=None):
