@@ -87,6 +87,14 @@ class _World:
         self.object_trail = {o: [] for o in OBJECTS}
         self.facts: list[str] = []
 
+    @classmethod
+    def with_everyone_placed(cls, rng: random.Random, people=PEOPLE) -> "_World":
+        """A world whose story opens by moving each person somewhere."""
+        world = cls(rng, people)
+        for person in world.people:
+            world.move(person)
+        return world
+
     def _note_object_place(self, obj: str, place: Optional[str]) -> None:
         self.object_place[obj] = place
         if place is not None and (not self.object_trail[obj] or self.object_trail[obj][-1] != place):
@@ -148,9 +156,7 @@ class _World:
 
 
 def _qa1(rng):
-    w = _World(rng)
-    for p in w.people:
-        w.move(p)
+    w = _World.with_everyone_placed(rng)
     for _ in range(rng.randint(0, 6)):
         w.move()
     person = rng.choice(w.people)
@@ -158,9 +164,7 @@ def _qa1(rng):
 
 
 def _qa2(rng):
-    w = _World(rng)
-    for p in w.people:
-        w.move(p)
+    w = _World.with_everyone_placed(rng)
     while True:
         for _ in range(rng.randint(3, 8)):
             w.random_event(weights=(4, 3, 1, 0))
@@ -171,9 +175,7 @@ def _qa2(rng):
 
 
 def _qa3(rng):
-    w = _World(rng)
-    for p in w.people:
-        w.move(p)
+    w = _World.with_everyone_placed(rng)
     for _ in range(200):
         w.random_event(weights=(5, 3, 1, 0))
         movers = [o for o in OBJECTS if len(w.object_trail[o]) >= 2]
@@ -195,9 +197,7 @@ def _qa4(rng):
 
 
 def _qa5(rng):
-    w = _World(rng, people=GIVERS)
-    for p in w.people:
-        w.move(p)
+    w = _World.with_everyone_placed(rng, people=GIVERS)
     gifts = []
     for _ in range(rng.randint(4, 9)):
         before = len(w.facts)
@@ -222,9 +222,7 @@ def _qa5(rng):
 
 
 def _qa6(rng):
-    w = _World(rng)
-    for p in w.people:
-        w.move(p)
+    w = _World.with_everyone_placed(rng)
     for _ in range(rng.randint(0, 4)):
         w.move()
     person = rng.choice(w.people)
@@ -233,9 +231,7 @@ def _qa6(rng):
 
 
 def _carrying_story(rng):
-    w = _World(rng)
-    for p in w.people:
-        w.move(p)
+    w = _World.with_everyone_placed(rng)
     for _ in range(rng.randint(2, 8)):
         w.random_event(weights=(2, 4, 2, 2))
     return w
