@@ -12,11 +12,13 @@ from typing import Optional, Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lm2.cli_errors import UserInputError
+
 MEMORY_WRITE_MODES = ("attention", "aligned")
 MEMORY_INIT_MODES = ("identity", "learned")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A configuration value that cannot work; the message names the knob."""
 
 

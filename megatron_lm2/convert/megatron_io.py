@@ -20,12 +20,13 @@ from typing import Dict
 
 import torch
 
+from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.convert.megatron_config import CONFIG_FILE, read_config, write_config
 
 EMBEDDING = "embedding.word_embeddings.weight"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """A checkpoint directory that cannot be converted; the message names the path."""
 
 

@@ -12,12 +12,13 @@ import json
 import shutil
 from pathlib import Path
 
+from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.tokenizer import load_tokenizer
 
 _HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserInputError):
     """The tokenizer cannot go with this model."""
 
 

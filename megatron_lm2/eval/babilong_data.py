@@ -17,10 +17,12 @@ import json
 import os
 from typing import Iterator
 
+from megatron_lm2.cli_errors import UserInputError
+
 FIELDS = ("input", "question", "target")
 
 
-class DataError(ValueError):
+class DataError(UserInputError):
     pass
 
 

@@ -25,10 +25,12 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from megatron_lm2.cli_errors import UserInputError
+
 LETTERS = ("A", "B", "C", "D")
 
 
-class MMLUDataError(ValueError):
+class MMLUDataError(UserInputError):
     pass
 
 

@@ -21,13 +21,14 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.preprocess.shards import write_json_atomic
 
 # LM2 paper, Sec. 4: 28B tokens of Cosmopedia-v2 and 220B of FineWeb-Edu from the SmolLM corpus.
 PAPER_MIX = {"cosmopedia-v2": 28e9, "fineweb-edu": 220e9}
 
 
-class BlendError(ValueError):
+class BlendError(UserInputError):
     pass
 
 

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.preprocess.readers import InputFile
 from megatron_lm2.preprocess.shards import load_state, write_json_atomic
 
@@ -21,7 +22,7 @@ FORMAT = "megatron-lm2/preprocess-manifest"
 MAX_LISTED_SKIPS = 10000
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserInputError):
     """The output directory holds work from an incompatible earlier run."""
 
 

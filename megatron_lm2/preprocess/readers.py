@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from megatron_lm2.cli_errors import UserInputError
+
 SKIP_REASONS = (
     "bad_json",          # a jsonl line that is not JSON, or not a JSON object
     "missing_text",      # the --json-key field / parquet column is absent or null
@@ -31,7 +33,7 @@ SKIP_REASONS = (
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
 
 
-class InputError(ValueError):
+class InputError(UserInputError):
     """An input path that does not exist, cannot be read, or is of an unknown type."""
 
 

@@ -31,6 +31,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
+from megatron_lm2.cli_errors import UserInputError
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TOKENIZER = ASSETS / "tokenizer" / "lm2-synthetic-2k.model"
 
@@ -39,7 +41,7 @@ _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>")
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserInputError):
     """A tokenizer could not be found, read, or lacks an end-of-document token."""
 
 
