@@ -16,8 +16,15 @@ def memory_reference(
     chunk: int,
     write: str = "attention",
     initial_banks: torch.Tensor | None = None,  # [B, N, d] to continue from, else `initial`
+    qk_norm: bool = False,
+    norm_eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (memory branch output [T, B, d], bank after the last chunk [B, N, d])."""
+    """Returns (memory branch output [T, B, d], bank after the last chunk [B, N, d]).
+
+    qk_norm: every head's query and slot key are divided by their root mean square
+    (sqrt(mean(x^2) + eps)); the score is then their cosine (dot product / d_h) times a learned
+    per-head scale, weights["read_scale"][h] for the read and weights["write_scale"][h] for the
+    write. Without it, one score Q K^T / sqrt(d_h) serves both."""
     seq, batch, d = tokens.shape
     head_dim = d // heads
     sigmoid = torch.sigmoid
@@ -35,9 +42,19 @@ def memory_reference(
             content = torch.zeros_like(bank)
             for h in range(heads):
                 cols = slice(h * head_dim, (h + 1) * head_dim)
-                scores = q[:, cols] @ k[:, cols].T / math.sqrt(head_dim)  # [c, N]
+                if qk_norm:
+                    qh, kh = q[:, cols], k[:, cols]
+                    qh = qh / torch.sqrt((qh * qh).mean(dim=1, keepdim=True) + norm_eps)
+                    kh = kh / torch.sqrt((kh * kh).mean(dim=1, keepdim=True) + norm_eps)
+                    cosine = qh @ kh.T / head_dim  # [c, N]
+                    scores = weights["read_scale"][h] * cosine
+                    write_scores = weights["write_scale"][h] * cosine
+                else:
+                    scores = q[:, cols] @ k[:, cols].T / math.sqrt(head_dim)  # [c, N]
+                    write_scores = scores
                 read[:, cols] = torch.softmax(scores, dim=1) @ v[:, cols]  # Eq. 1
-                content[:, cols] = torch.softmax(scores.T, dim=1) @ e[:, cols]  # slots gather
+                # slots gather: each slot's weights over the chunk's tokens
+                content[:, cols] = torch.softmax(write_scores.T, dim=1) @ e[:, cols]
             read_all[start : start + chunk] = read
             if write == "attention":
                 g_in = sigmoid(content @ weights["in_gate"].T)  # Eq. 4
@@ -67,4 +84,9 @@ def weights_of(memory_module, num_heads: int) -> dict:
         forget_gate=memory_module.linear_forget_gate.weight.detach(),
         proj=memory_module.linear_proj.weight.detach(),
         initial=memory_module.initial_bank.detach(),
+        **{
+            name: getattr(memory_module, f"{name[:-6]}_logit_scale").detach()
+            for name in ("read_scale", "write_scale")
+            if hasattr(memory_module, f"{name[:-6]}_logit_scale")
+        },
     )

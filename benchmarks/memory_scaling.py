@@ -1,0 +1,570 @@
+"""How does learning to use the memory scale with chunk size, slots and facts? LM2 (debug
+flavor) against its vanilla twin on tasks only the memory can carry (megatron_lm2.eval.memory_tasks),
+with the attention window equal to the memory chunk C, so nothing crosses a chunk but the bank.
+
+One process trains one or more configs, one after another, one thread; each finished config
+is appended to --results (JSON lines) and skipped when already there, so a study runs in parts
+and resumes. Per run it records held-out accuracy every --eval-every steps, steps to 50 % / 90 %,
+and diagnostics of the memory as it trains: per memory parameter gradient norms (at init and
+at every eval), entropy of the write distribution (per slot over the chunk's tokens) and of the
+read distribution (per token over slots), the write's weight on the fact tokens, gate means.
+
+    python benchmarks/memory_scaling.py --task fact --chunk 64 --slots 32 --write attention --seeds 0,1,2
+    python benchmarks/memory_scaling.py --task fact --chunk 256 --slots 256 --write qknorm --seeds 0
+    python benchmarks/memory_scaling.py --report      # table + plots into benchmarks/memory_scaling.md's files
+
+Write modes: every mode runs through `study_forward` below (TP = 1), a re-statement of the
+module's equations (tested equal to megatron_lm2.memory.LM2Memory for the modes the module has),
+so a prototype write can be measured before it lands in the module:
+    attention   today's write: scores S = Q K^T / sqrt(d_h) shared by the read (softmax over slots)
+                and the write (softmax over the chunk's tokens)
+    qknorm      RMS-normalised memory queries and slot keys per head, cosine scores times a learned
+                per-head logit scale, one for the read (init --tau-read) and one for the write
+                (init --tau-write), as QK-norm does for self-attention
+    module      the module's own forward, whatever its memory_write is (no diagnostics but
+                accuracy and gradients)
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts
+
+EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
+WRITE_MODES = ("attention", "qknorm", "module")
+RESULTS = "benchmarks/memory_scaling.jsonl"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="fact", choices=("fact", "mqar", "persist", "twohop"))
+    p.add_argument("--chunk", type=int, default=32, help="memory chunk C = attention window")
+    p.add_argument("--slots", default="32", help="N, or 'C', 'C/2', '2C'")
+    p.add_argument("--pairs", type=int, default=1, help="mqar: key-value pairs in chunk 0")
+    p.add_argument("--hops", type=int, default=1, help="persist: the question's chunk index k")
+    p.add_argument("--models", default="lm2", help="comma list of lm2, vanilla")
+    p.add_argument("--write", default="attention", choices=WRITE_MODES)
+    p.add_argument("--tau-read", type=float, default=10.0, help="qknorm: initial read logit scale")
+    p.add_argument("--tau-write", type=float, default=10.0, help="qknorm: initial write logit scale")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-samples", type=int, default=256)
+    p.add_argument("--stop-at", type=float, default=1.01,
+                   help="stop a run early once held-out accuracy reaches this (saves compute; "
+                        "the curve is then padded with the last value)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--report", action="store_true", help="only write the table and the plots")
+    p.add_argument("--report-md", default="benchmarks/memory_scaling_table.md")
+    p.add_argument("--plot-prefix", default="benchmarks/memory_scaling")
+    return p.parse_args(argv)
+
+
+def resolve_slots(slots: str, chunk: int) -> int:
+    table = {"C": chunk, "C/2": chunk // 2, "2C": 2 * chunk}
+    return table[slots] if slots in table else int(slots)
+
+
+# ------------------------------------------------------------------------ the memory forward
+def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
+def study_forward(self, hidden_states, **unused):
+    """LM2Memory.forward for one TP rank of size 1, no carried state, with the write selected by
+    self.study_write and diagnostics collected into self.study_diag when self.study_collect."""
+    seq, batch, d = hidden_states.shape
+    h, dh, n, c = self.num_heads, self.head_dim, self.num_slots, self.chunk_size
+    query = self.linear_q(hidden_states)[0].view(seq, batch, h, dh)
+    values = hidden_states.view(seq, batch, h, dh)
+    bank = self.initial_bank.to(hidden_states.dtype).unsqueeze(0).expand(batch, -1, -1)
+    collect = getattr(self, "study_collect", False)
+    diag = {"write_entropy": [], "write_fact_mean": [], "write_fact_max": [], "read_entropy": [],
+            "gate_in": [], "gate_forget": []}
+    reads = []
+    starts = list(range(0, seq, c))
+    for j, start in enumerate(starts):
+        end = min(start + c, seq)
+        kv = self.linear_kv(bank)[0].view(batch, n, h, 2, dh)
+        key, value = kv[..., 0, :], kv[..., 1, :]
+        q = query[start:end]
+        if self.study_write == "qknorm":
+            cos = torch.einsum("cbhe,bnhe->bhcn", _rms(q), _rms(key)) / dh
+            read_logits = cos * self.read_logit_scale.view(1, h, 1, 1)
+            write_logits = cos * self.write_logit_scale.view(1, h, 1, 1)
+        else:
+            read_logits = write_logits = torch.einsum("cbhe,bnhe->bhcn", q, key) / math.sqrt(dh)
+        attn = torch.softmax(read_logits, dim=-1)
+        reads.append(torch.einsum("bhcn,bnhe->cbhe", attn, value))
+        if collect and j == len(starts) - 1:
+            diag["read_entropy"].append(float(_entropy(attn).mean() / math.log(n)) if n > 1 else 0.0)
+        if j + 1 < len(starts):
+            w = torch.softmax(write_logits.transpose(-1, -2), dim=-1)  # [B, h, N, c]: slots over tokens
+            content = torch.einsum("bhnc,cbhe->bnhe", w, values[start:end]).reshape(batch, n, d)
+            g_in = torch.sigmoid(self.linear_in_gate(content)[0])
+            g_forget = torch.sigmoid(self.linear_forget_gate(content)[0])
+            bank = g_in * torch.tanh(content) + g_forget * bank
+            if collect:
+                diag["write_entropy"].append(float(_entropy(w).mean() / math.log(end - start)))
+                diag["gate_in"].append(float(g_in.mean()))
+                diag["gate_forget"].append(float(g_forget.mean()))
+                if j == 0 and getattr(self, "study_fact_mask", None) is not None:
+                    fact = self.study_fact_mask[:, start:end].to(w.dtype)  # [B, c]
+                    on_fact = torch.einsum("bhnc,bc->bhn", w, fact)
+                    diag["write_fact_mean"].append(float(on_fact.mean()))
+                    diag["write_fact_max"].append(float(on_fact.amax(-1).mean()))
+    e_mem = torch.cat(reads, dim=0).reshape(seq, batch, d)
+    g_out = torch.sigmoid(self.linear_out_gate(e_mem)[0])
+    if collect:
+        diag["gate_out"] = [float(g_out.mean())]
+        self.study_diag = {k: (statistics.fmean(v) if v else None) for k, v in diag.items()}
+    return self.linear_proj(g_out * e_mem)
+
+
+def memory_modules(model):
+    from megatron_lm2.memory import LM2Memory
+
+    return [m for m in model.modules() if isinstance(m, LM2Memory)]
+
+
+def install_write(model, write: str, tau_read: float = 10.0, tau_write: float = 10.0) -> None:
+    """Route every memory module of `model` through study_forward with write mode `write`."""
+    if write == "module":
+        return
+    for m in memory_modules(model):
+        if m.tp_rank != 0 or m.local_hidden != m.config.hidden_size:
+            raise ValueError("the study forward is for tensor-parallel size 1")
+        m.study_write = write
+        if write == "qknorm":
+            m.read_logit_scale = torch.nn.Parameter(torch.full((m.num_heads,), tau_read))
+            m.write_logit_scale = torch.nn.Parameter(torch.full((m.num_heads,), tau_write))
+        m.forward = types.MethodType(study_forward, m)
+
+
+# ------------------------------------------------------------------------------ training
+def build(cfg_args: dict, seed: int):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.model import build_model
+
+    spec = task_spec(cfg_args)
+    flavor = "debug" if cfg_args["model"] == "lm2" else "debug-vanilla"
+    config = get_flavor(flavor, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
+                        attention_window=spec.chunk, memory_chunk_size=spec.chunk,
+                        memory_slots=cfg_args["slots"])
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    model = build_model(config)
+    if config.has_memory:
+        install_write(model, cfg_args["write"], cfg_args["tau_read"], cfg_args["tau_write"])
+    return model, spec
+
+
+def task_spec(cfg_args: dict) -> TaskSpec:
+    return TaskSpec(name=cfg_args["task"], chunk=cfg_args["chunk"], pairs=cfg_args["pairs"],
+                    hops=cfg_args["hops"], num_keys=64 if cfg_args["pairs"] > 8 else 32)
+
+
+def _forward(model, batch: TaskBatch, mask):
+    pos = torch.arange(batch.tokens.shape[1])[None].expand_as(batch.tokens)
+    return model(batch.tokens, pos, mask)
+
+
+@torch.no_grad()
+def accuracy(model, batch: TaskBatch, mask, micro: int = 64) -> float:
+    model.eval()
+    hits, total = 0, 0
+    for s in range(0, batch.tokens.shape[0], micro):
+        part = TaskBatch(*(t[s : s + micro] for t in (batch.tokens, batch.labels, batch.loss_mask, batch.fact_mask)))
+        logits = _forward(model, part, mask)
+        sel = part.loss_mask.bool()
+        hits += int((logits.argmax(-1)[sel] == part.labels[sel]).sum())
+        total += int(sel.sum())
+    model.train()
+    return hits / total
+
+
+def grad_norms(model) -> dict:
+    """Gradient norm of every memory parameter, per layer (name: layer<k>.<param>)."""
+    out = {}
+    for m in memory_modules(model):
+        for name, p in m.named_parameters():
+            if p.grad is not None:
+                out[f"layer{m.layer_number}.{name.replace('.weight', '')}"] = float(p.grad.norm())
+    return out
+
+
+@torch.no_grad()
+def memory_diagnostics(model, batch: TaskBatch, mask) -> dict:
+    mods = [m for m in memory_modules(model) if hasattr(m, "study_write")]
+    if not mods:
+        return {}
+    part = TaskBatch(*(t[:64] for t in (batch.tokens, batch.labels, batch.loss_mask, batch.fact_mask)))
+    for m in mods:
+        m.study_collect, m.study_fact_mask = True, part.fact_mask
+    model.eval()
+    _forward(model, part, mask)
+    model.train()
+    out = {}
+    for m in mods:
+        m.study_collect, m.study_fact_mask = False, None
+        for k, v in m.study_diag.items():
+            out[f"layer{m.layer_number}.{k}"] = v
+        if hasattr(m, "write_logit_scale"):
+            out[f"layer{m.layer_number}.read_logit_scale"] = m.read_logit_scale.tolist()
+            out[f"layer{m.layer_number}.write_logit_scale"] = m.write_logit_scale.tolist()
+    return out
+
+
+def steps_to(curve, level: float):
+    for step, acc in curve:
+        if acc >= level:
+            return step
+    return None
+
+
+def train_one(cfg_args: dict, seed: int, args) -> dict:
+    from megatron_lm2.model import attention_mask
+
+    t0 = time.time()
+    model, spec = build(cfg_args, seed)
+    mask = attention_mask(spec.seq_length, spec.chunk)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
+    data = torch.Generator().manual_seed(10_000 + seed)
+    held_out = make_batch(spec, args.eval_samples, EVAL_SEED)
+    curve, losses, diagnostics = [], [], []
+    eval_seconds, train_seconds = 0.0, 0.0
+    label = f"{cfg_args['model']} {cfg_args['write']} {spec.name} C={spec.chunk} N={cfg_args['slots']} seed {seed}"
+    stopped = None
+    for step in range(args.steps + 1):
+        batch = make_batch(spec, args.batch_size, data) if step < args.steps else None
+        if step % args.eval_every == 0 or step == args.steps:
+            te = time.time()
+            curve.append((step, accuracy(model, held_out, mask)))
+            diag = {"step": step, **memory_diagnostics(model, held_out, mask)}
+            eval_seconds += time.time() - te
+            print(f"[{label}] step {step} acc {curve[-1][1]:.3f} ({time.time() - t0:.0f}s)", flush=True)
+        else:
+            diag = None
+        if step == args.steps or curve[-1][1] >= args.stop_at:
+            if step < args.steps:
+                stopped = step
+            break
+        ts = time.time()
+        per_token = _forward_loss(model, batch, mask)
+        loss = (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if diag is not None:
+            diag["grad_norm"] = grad_norms(model)
+            diag["loss"] = float(loss)
+            diagnostics.append(diag)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        train_seconds += time.time() - ts
+    run = dict(cfg_args, seed=seed, curve=curve, final_accuracy=curve[-1][1],
+               best_accuracy=max(a for _, a in curve), steps_to_50=steps_to(curve, 0.5),
+               steps_to_90=steps_to(curve, 0.9), stopped_at=stopped,
+               final_loss=statistics.fmean(losses[-50:]) if losses else None, chance=spec.chance,
+               diagnostics=diagnostics, seconds=time.time() - t0, train_seconds=train_seconds,
+               eval_seconds=eval_seconds)
+    if memory_modules(model):
+        run["without_facts_accuracy"] = accuracy(model, without_facts(spec, held_out, EVAL_SEED + 1), mask)
+    return run
+
+
+def _forward_loss(model, batch: TaskBatch, mask):
+    pos = torch.arange(batch.tokens.shape[1])[None].expand_as(batch.tokens)
+    return model(batch.tokens, pos, mask, labels=batch.labels)
+
+
+# ------------------------------------------------------------------------------ results
+CONFIG_KEYS = ("task", "chunk", "slots", "pairs", "hops", "model", "write", "tau_read", "tau_write",
+               "steps", "batch_size", "lr")
+
+
+def run_key(run: dict) -> tuple:
+    return tuple(run.get(k) for k in CONFIG_KEYS) + (run["seed"],)
+
+
+def load_runs(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    runs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                # A torn last line (a killed writer) is skipped; the run is redone.
+                print(f"{path}:{lineno}: skipping unreadable line ({e.msg})", file=sys.stderr)
+    return runs
+
+
+def append_run(path: str, run: dict) -> None:
+    """One JSON line per finished run, under a lock: several processes share the file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(run) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------ report
+def _label(r: dict) -> str:
+    if r["model"] != "lm2":
+        return "vanilla"
+    if r["write"] == "qknorm":
+        return f"qknorm(tau {r['tau_read']:g}/{r['tau_write']:g})"
+    return r["write"]
+
+
+def _group_key(r: dict) -> tuple:
+    return (r["task"], r["pairs"], r["hops"], r["chunk"], r["slots"], _label(r), r["steps"], r["batch_size"])
+
+
+def _fmt_steps(values, budget) -> str:
+    shown = [str(v) if v is not None else f">{budget}" for v in values]
+    done = sorted(v for v in values if v is not None)
+    med = statistics.median(values) if len(done) == len(values) else None
+    head = f"{med:g}" if med is not None else (f">{budget}" if len(done) * 2 < len(values) else
+                                                f"{statistics.median(done + [math.inf] * (len(values) - len(done))):g}")
+    return f"{head} ({', '.join(shown)})"
+
+
+def _mean_over_layers(d: dict, suffix: str):
+    vals = [v for k, v in d.items() if k.endswith(suffix) and v is not None and not isinstance(v, list)]
+    return statistics.fmean(vals) if vals else None
+
+
+def _task_name(r: dict) -> str:
+    return {"fact": "one fact", "mqar": f"mqar {r['pairs']} pairs", "persist": f"persist k={r['hops']}",
+            "twohop": "two-hop (qa2)"}[r["task"]]
+
+
+def report_text(runs: list[dict]) -> str:
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(_group_key(r), []).append(r)
+    lines = ["| task | C | N | write | seeds | final acc % median [min, max] | steps to 50 % | steps to 90 % "
+             "| facts removed % | chance % | s/run (train + eval) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5])):
+        rs = sorted(groups[key], key=lambda r: r["seed"])
+        acc = [100 * r["final_accuracy"] for r in rs]
+        # A run stopped early at its target keeps its last accuracy: report the best seen.
+        best = [100 * r["best_accuracy"] for r in rs]
+        ablated = [100 * r["without_facts_accuracy"] for r in rs if "without_facts_accuracy" in r]
+        budget = rs[0]["steps"]
+        lines.append(
+            f"| {_task_name(rs[0])} | {key[3]} | {key[4]} | {key[5]} | {len(rs)} "
+            f"({','.join(str(r['seed']) for r in rs)}) | {statistics.median(best):.1f} [{min(best):.1f}, {max(best):.1f}]"
+            + (f" (last {statistics.median(acc):.1f})" if any(r.get('stopped_at') is None for r in rs) and best != acc else "")
+            + f" | {_fmt_steps([r['steps_to_50'] for r in rs], budget)} | {_fmt_steps([r['steps_to_90'] for r in rs], budget)}"
+            f" | {', '.join(f'{a:.1f}' for a in ablated) if ablated else 'n/a'} | {100 * rs[0]['chance']:.1f} | "
+            f"{statistics.fmean(r['seconds'] for r in rs):.0f} ({statistics.fmean(r['train_seconds'] for r in rs):.0f}"
+            f" + {statistics.fmean(r['eval_seconds'] for r in rs):.0f}) |")
+    lines += ["", "Diagnostics (mean over the 4 memory layers; step 0 = initialisation; write entropy and read "
+              "entropy as a fraction of uniform, log C and log N; fact weight = the write weight a slot puts on "
+              "the fact tokens, mean over slots / best slot; uniform = 2/C):", "",
+              "| task | C | N | write | seed | step | acc % | grad linear_q | grad linear_kv | grad in_gate | "
+              "grad forget_gate | grad proj | write entropy | fact weight mean / max | read entropy | "
+              "gates in / forget / out |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5])):
+        for r in sorted(groups[key], key=lambda r: r["seed"])[:1]:
+            if not r["diagnostics"] or "grad_norm" not in r["diagnostics"][0]:
+                continue
+            acc = dict(r["curve"])
+            diags = r["diagnostics"]
+            picks = sorted({0, len(diags) // 2, len(diags) - 1})
+            for i in picks:
+                d = diags[i]
+                g = d.get("grad_norm", {})
+
+                def gn(name):
+                    v = _mean_over_layers(g, "." + name)
+                    return f"{v:.1e}" if v is not None else "-"
+
+                def val(name, fmt="{:.3f}"):
+                    v = _mean_over_layers(d, "." + name)
+                    return fmt.format(v) if v is not None else "-"
+
+                lines.append(
+                    f"| {_task_name(r)} | {r['chunk']} | {r['slots']} | {_label(r)} | {r['seed']} | {d['step']} | "
+                    f"{100 * acc.get(d['step'], float('nan')):.1f} | {gn('linear_q')} | {gn('linear_kv')} | "
+                    f"{gn('linear_in_gate')} | {gn('linear_forget_gate')} | {gn('linear_proj')} | "
+                    f"{val('write_entropy')} | {val('write_fact_mean')} / {val('write_fact_max')} | "
+                    f"{val('read_entropy')} | {val('gate_in', '{:.2f}')} / {val('gate_forget', '{:.2f}')} / "
+                    f"{val('gate_out', '{:.2f}')} |")
+    machines = sorted({r.get("machine", "?") for r in runs})
+    commits = sorted({r.get("commit", "?") for r in runs})
+    dates = sorted(r.get("started", "?") for r in runs)
+    lines += ["", f"machine: {'; '.join(machines)}; commits: {', '.join(commits)}; "
+              f"runs started {dates[0]} .. {dates[-1]}"]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    facts = [r for r in runs if r["task"] == "fact"]
+    chunks = sorted({r["chunk"] for r in facts})
+    if chunks:
+        fig, axes = plt.subplots(1, len(chunks), figsize=(3.2 * len(chunks), 3.2), squeeze=False, sharey=True)
+        labels = sorted({_label(r) for r in facts})
+        colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
+        for ax, c in zip(axes[0], chunks):
+            seen = set()
+            for r in sorted(facts, key=lambda r: (_label(r), r["slots"], r["seed"])):
+                if r["chunk"] != c:
+                    continue
+                steps, acc = zip(*r["curve"])
+                name = f"{_label(r)} N={r['slots']}"
+                ax.plot(steps, [100 * a for a in acc], color=colors[_label(r)],
+                        linestyle={c // 2: ":", c: "-", 2 * c: "--"}.get(r["slots"], "-."), alpha=0.8,
+                        label=name if name not in seen else None)
+                seen.add(name)
+            ax.axhline(100 / 16, color="gray", linewidth=0.8)
+            ax.set_title(f"one fact, C = {c}")
+            ax.set_xlabel("step")
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize=6)
+        axes[0][0].set_ylabel("held-out accuracy (%)")
+        fig.tight_layout()
+        written.append(_save(fig, f"{prefix}_accuracy.png"))
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for lab in labels:
+            xs, med, lo, hi = [], [], [], []
+            for c in chunks:
+                rs = [r for r in facts if r["chunk"] == c and _label(r) == lab]
+                if not rs:
+                    continue
+                vals = [r["steps_to_90"] if r["steps_to_90"] is not None else r["steps"] * 1.1 for r in rs]
+                xs.append(c)
+                med.append(statistics.median(vals))
+                lo.append(min(vals))
+                hi.append(max(vals))
+            if xs:
+                ax.errorbar(xs, med, yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                            marker="o", capsize=3, color=colors[lab], label=lab)
+        budget = max(r["steps"] for r in facts)
+        ax.axhline(budget, color="gray", linestyle="--", linewidth=0.8, label=f"budget ({budget}; above = not reached)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size C (= attention window)")
+        ax.set_ylabel("steps to 90 % held-out accuracy")
+        ax.set_title("one fact: steps to 90 % (median, min-max over seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, f"{prefix}_steps_to_90.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig, path: str) -> str:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def report(args) -> int:
+    runs = load_runs(args.results)
+    if not runs:
+        print(f"no runs in {args.results}", file=sys.stderr)
+        return 1
+    text = report_text(runs)
+    tmp = args.report_md + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    os.replace(tmp, args.report_md)
+    print(text)
+    for path in plot(runs, args.plot_prefix):
+        print(f"plot: {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        return report(args)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from megatron_lm2 import distributed
+
+    own_world = not torch.distributed.is_initialized()  # a test may hold one already
+    if own_world:
+        distributed.initialize(seed=0)
+    meta = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                f"{args.threads} thread(s)", commit=_commit())
+    done = {run_key(r) for r in load_runs(args.results)}
+    for model_kind in args.models.split(","):
+        base = dict(task=args.task, chunk=args.chunk, slots=resolve_slots(args.slots, args.chunk),
+                    pairs=args.pairs if args.task == "mqar" else 1,
+                    hops=args.hops if args.task == "persist" else 1, model=model_kind,
+                    write=args.write if model_kind == "lm2" else "none",
+                    tau_read=args.tau_read if args.write == "qknorm" and model_kind == "lm2" else None,
+                    tau_write=args.tau_write if args.write == "qknorm" and model_kind == "lm2" else None,
+                    steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            key = run_key({**base, "seed": seed})
+            if key in done:
+                print(f"skip {key}: already in {args.results}", flush=True)
+                continue
+            started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            run = train_one(base, seed, args)
+            run.update(meta, started=started, eval_every=args.eval_every, eval_samples=args.eval_samples)
+            append_run(args.results, run)
+            print(f"[done] {key}: final {run['final_accuracy']:.3f}, to 50% {run['steps_to_50']}, "
+                  f"to 90% {run['steps_to_90']}, {run['seconds']:.0f}s", flush=True)
+    if own_world:
+        distributed.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
