@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_lm2.preprocess.blend import BlendError, parse_weights, write_blend
-from megatron_lm2.preprocess.manifest import OutputDirError
+from megatron_lm2.cli_errors import UserInputError, cli_entry
+from megatron_lm2.preprocess.blend import parse_weights, write_blend
 from megatron_lm2.preprocess.pipeline import PreprocessConfig, RankStats, run
 from megatron_lm2.preprocess.readers import InputError
-from megatron_lm2.tokenizer import TokenizerError
+from megatron_lm2.tokenizer.encoders import FAST_ENCODERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,38 +48,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", default="tokens",
                    help="blend.json weights: 'tokens' (natural mix), 'paper' (28B Cosmopedia-v2 : 220B "
                         "FineWeb-Edu), SUBSET=W,SUBSET=W, or 'none' (default tokens)")
+    p.add_argument("--encoder", default="auto", choices=["auto", "hf", "reference", *FAST_ENCODERS],
+                   help="auto (default): a fast encoder when installed (pip install -e .[fast]) and equal to the "
+                        "reference on each file's sample, else the reference; hf / reference: the tokenizer's own "
+                        "library only; " + "/".join(FAST_ENCODERS) + ": that one, and stop if a sample differs")
+    p.add_argument("--verify-mb", type=float, default=3.0,
+                   help="per input file, MB of text (1/3 first documents, 2/3 random ones) encoded by both the "
+                        "fast and the reference encoder (default 3)")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="do not fsync shards and records (a killed process still loses nothing; a power loss may)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="tracebacks for errors (also LM2_DEBUG=1)")
     return p
 
 
+@cli_entry("lm2-preprocess")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.shard_tokens < 1:
-        parser.error("--shard-tokens must be >= 1")
-    if args.rows_per_task < 1:
-        parser.error("--rows-per-task must be >= 1")
-    if args.workers is not None and args.workers < 0:
-        parser.error("--workers must be >= 0")
-    try:
-        blend = None if args.blend == "none" else parse_weights(args.blend)
-    except BlendError as e:
-        parser.error(str(e))
+    for flag, value, ok in (("--shard-tokens", args.shard_tokens, args.shard_tokens >= 1),
+                            ("--rows-per-task", args.rows_per_task, args.rows_per_task >= 1),
+                            ("--workers", args.workers, args.workers is None or args.workers >= 0),
+                            ("--verify-mb", args.verify_mb, 0 <= args.verify_mb < float("inf"))):
+        if not ok:
+            raise UserInputError(f"{flag} {value}: must be {'>= 0' if flag in ('--workers', '--verify-mb') else '>= 1'}")
+    blend = None if args.blend == "none" else parse_weights(args.blend)
     cfg = PreprocessConfig(
         inputs=args.input, output=args.output, tokenizer=args.tokenizer, eod_token=args.eod_token,
         json_key=args.json_key, subsets=args.subsets.split(",") if args.subsets else None,
         shard_tokens=args.shard_tokens, workers=args.workers, rows_per_task=args.rows_per_task,
+        encoder=args.encoder, verify_first_bytes=int(args.verify_mb * 1e6 / 3),
+        verify_random_bytes=int(args.verify_mb * 1e6 * 2 / 3), fsync=args.fsync,
         progress=not args.no_progress, command=["lm2-preprocess", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        manifest, stats = run(cfg)
-        if manifest is not None and blend is not None:
-            write_blend(f"{args.output}/blend.json", manifest, blend)
-    except (TokenizerError, InputError, OutputDirError, BlendError) as e:
-        print(f"lm2-preprocess: error: {e}", file=sys.stderr)
-        return 2
-    if manifest is not None:
-        print(format_summary(manifest, stats))
+    manifest, stats = run(cfg)
+    if manifest is None:  # an MPI rank other than 0
+        return 0
+    print(format_summary(manifest, stats))
+    problems = file_problems(manifest)
+    if manifest["totals"]["documents"] == 0:
+        raise InputError("no documents written: " + "; ".join(problems or ["the inputs hold no rows"]))
+    for line in problems:
+        print(f"lm2-preprocess: warning: {line}", file=sys.stderr)
+    if blend is not None:
+        write_blend(f"{args.output}/blend.json", manifest, blend)
     return 0
+
+
+def file_problems(manifest: dict) -> list[str]:
+    """One line per input file that could not be read whole or gave no document, e.g.
+    "x.jsonl: 0 documents written — 412 rows skipped (bad_json 380, invalid_utf8 32)"."""
+    lines = []
+    for f in manifest["files"]:
+        problems = f.get("problems") or []
+        name = f["path"]
+        for problem in problems[:3]:
+            lines.append(f"{name}: {problem}")
+        if f["documents"] == 0 and not any(f["skipped"].get(r) for r in ("corrupt_file", "missing_column")):
+            skipped = sum(f["skipped"].values())
+            detail = ", ".join(f"{k} {v:,}" for k, v in sorted(f["skipped"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"{name}: 0 documents written — {skipped:,} rows skipped ({detail})" if skipped
+                         else f"{name}: 0 documents written — the file holds no rows")
+    return lines
 
 
 def format_summary(manifest: dict, stats: RankStats) -> str:
@@ -97,6 +126,10 @@ def format_summary(manifest: dict, stats: RankStats) -> str:
                f"({stats.documents / secs:,.0f} docs/s, {stats.tokens / secs:,.0f} tokens/s); "
                f"tokenizer {manifest['tokenizer']['name']} (vocab {manifest['tokenizer']['vocab_size']:,}, "
                f"eod {manifest['tokenizer']['eod']}), dtype {manifest['dtype']}")
+    encoders = manifest.get("encoders") or {}
+    if encoders:
+        out.append("shards by encoder: " + ", ".join(f"{name or 'unrecorded'} {n}" for name, n in encoders.items())
+                   + f" ({manifest.get('last_run', {}).get('fast_encoder_note', '')})")
     if t["skipped"]:
         out.append("skipped rows: " + ", ".join(f"{k}={v:,}" for k, v in t["skipped"].items()))
         for entry in manifest["skipped_rows"][:20]:

@@ -3,13 +3,17 @@
 The result carries the documents as one flat token array (each document followed by the EOD id)
 plus per-document lengths and source rows; numpy arrays pickle cheaply back to the writer,
 unlike lists of Python ints.
+
+Each task is encoded by the encoder the writer chose for its file (``fast=True``: the verified
+fast encoder, else the reference). A batch the encoder refuses is retried text by text, so one
+bad text is skipped as ``unencodable`` (its exception named in the file's problems) and the
+rest of the batch is kept.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 
@@ -25,44 +29,87 @@ class EncodedBatch:
     lengths: np.ndarray                # int64 tokens per document (eod included)
     rows: np.ndarray                   # int64 source row of each document
     skips: list[tuple[int, str]] = field(default_factory=list)   # (row, reason), row order
+    problem: str = ""                  # file-level message (unreadable file / stream, refused text)
 
 
-def encode_task(task: Task, tokenizer, json_key: str, dtype, batch_size: int = 128) -> EncodedBatch:
+@dataclass
+class Encoders:
+    """What a worker (or the in-process path) encodes with."""
+
+    reference: object
+    fast: object | None
+    eod: int
+    dtype: np.dtype
+    json_key: str
+    batch_size: int
+
+
+def encode_task(task: Task, enc: Encoders, fast: bool) -> EncodedBatch:
     if task.error:
         empty = np.empty(0, dtype=np.int64)
-        return EncodedBatch(task.file_index, task.first_row, task.num_rows, np.empty(0, dtype), empty, empty,
-                            [(task.first_row, "corrupt_file")])
+        return EncodedBatch(task.file_index, task.first_row, task.num_rows, np.empty(0, enc.dtype), empty, empty,
+                            [(task.first_row, task.error_reason)], problem=task.error)
     texts: list[str] = []
     rows: list[int] = []
     skips: list[tuple[int, str]] = []
-    for row, text, reason in read_task_texts(task, json_key):
+    for row, text, reason in read_task_texts(task, enc.json_key):
         if text is None:
             skips.append((row, reason))
         else:
             texts.append(text)
             rows.append(row)
-    token_parts, length_parts = [], []
-    for start in range(0, len(texts), batch_size):
-        ids = tokenizer.encode_batch(texts[start:start + batch_size])
-        tokens, lengths = _flatten_with_eod(ids, tokenizer.eod, dtype)
-        token_parts.append(tokens)
+    encoder = enc.fast if fast else enc.reference
+    id_parts, length_parts, problem = [], [], ""
+    batch = len(texts) if fast else enc.batch_size  # the fast encoder takes the whole task in one call
+    kept_rows = []
+    for start in range(0, len(texts), max(1, batch)):
+        chunk = texts[start:start + batch]
+        chunk_rows = rows[start:start + batch]
+        try:
+            ids, lengths = encoder.encode_flat(chunk)
+            kept = chunk_rows
+        except Exception:  # refused somewhere in the batch: find the texts, keep the others
+            ids, lengths, kept, refused = _one_by_one(encoder, chunk, chunk_rows)
+            skips.extend((r, "unencodable") for r, _ in refused)
+            if refused and not problem:
+                problem = f"row {refused[0][0]}: the tokenizer refused the text ({refused[0][1]})"
+        id_parts.append(ids)
         length_parts.append(lengths)
-    tokens = np.concatenate(token_parts) if token_parts else np.empty(0, dtype)
+        kept_rows.extend(kept)
+    skips.sort()
+    ids = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
     lengths = np.concatenate(length_parts) if length_parts else np.empty(0, np.int64)
-    return EncodedBatch(task.file_index, task.first_row, task.num_rows, tokens, lengths,
-                        np.asarray(rows, dtype=np.int64), skips)
+    tokens, doc_lengths = with_eod(ids, lengths, enc.eod, enc.dtype)
+    return EncodedBatch(task.file_index, task.first_row, task.num_rows, tokens, doc_lengths,
+                        np.asarray(kept_rows, dtype=np.int64), skips, problem)
 
 
-def _flatten_with_eod(ids: list[list[int]], eod: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    total = int(lengths.sum())
-    flat = np.empty(total, dtype=dtype)
-    ends = np.cumsum(lengths) - 1
-    body = np.ones(total, dtype=bool)
+def _one_by_one(encoder, texts, rows):
+    id_parts, length_parts, kept, refused = [], [], [], []
+    for text, row in zip(texts, rows):
+        try:
+            ids, lengths = encoder.encode_flat([text])
+        except Exception as e:
+            refused.append((row, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+            continue
+        id_parts.append(ids)
+        length_parts.append(lengths)
+        kept.append(row)
+    ids = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
+    lengths = np.concatenate(length_parts) if length_parts else np.empty(0, np.int64)
+    return ids, lengths, kept, refused
+
+
+def with_eod(ids: np.ndarray, lengths: np.ndarray, eod: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ids + lengths -> flat ids with eod after each document, in ``dtype``; vectorized."""
+    doc_lengths = lengths + 1
+    flat = np.empty(int(doc_lengths.sum()), dtype=dtype)
+    ends = np.cumsum(doc_lengths) - 1
+    body = np.ones(len(flat), dtype=bool)
     body[ends] = False
-    flat[body] = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=total - len(ids))
+    flat[body] = ids
     flat[ends] = eod
-    return flat, lengths
+    return flat, doc_lengths
 
 
 # --- process-pool plumbing: each worker loads the tokenizer once --------------------------------
@@ -70,16 +117,29 @@ def _flatten_with_eod(ids: list[list[int]], eod: int, dtype) -> tuple[np.ndarray
 _WORKER: dict = {}
 
 
+def make_encoders(tokenizer_path: str, eod_token: str | None, json_key: str, dtype_name: str, batch_size: int,
+                  fast_name: str | None) -> Encoders:
+    from megatron_lm2.tokenizer import load_tokenizer
+    from megatron_lm2.tokenizer.encoders import fast_encoder, reference_encoder
+
+    tok = load_tokenizer(tokenizer_path, eod_token)
+    fast = fast_encoder(tok, fast_name) if fast_name else None
+    return Encoders(reference_encoder(tok), fast, tok.eod, np.dtype(dtype_name), json_key, batch_size)
+
+
 def init_worker(tokenizer_path: str, eod_token: str | None, json_key: str, dtype_name: str,
-                batch_size: int) -> None:
+                batch_size: int, fast_name: str | None = None) -> None:
     # One core per worker: the pool provides the parallelism, library threads would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-    from megatron_lm2.tokenizer import load_tokenizer
-
-    _WORKER.update(tokenizer=load_tokenizer(tokenizer_path, eod_token), json_key=json_key,
-                   dtype=np.dtype(dtype_name), batch_size=batch_size)
+    _WORKER["encoders"] = make_encoders(tokenizer_path, eod_token, json_key, dtype_name, batch_size, fast_name)
 
 
-def worker_encode(task: Task) -> EncodedBatch:
-    return encode_task(task, _WORKER["tokenizer"], _WORKER["json_key"], _WORKER["dtype"], _WORKER["batch_size"])
+def worker_encode(task: Task, fast: bool) -> EncodedBatch:
+    return encode_task(task, _WORKER["encoders"], fast)
+
+
+def worker_verify(f, seed: int, first_bytes: int, random_bytes: int):
+    from megatron_lm2.preprocess.verify import verify_file
+
+    return verify_file(f, _WORKER["encoders"], seed, first_bytes, random_bytes)

@@ -83,9 +83,12 @@ def build_manifest(out_dir: Path, files: list[InputFile], run: dict, command: li
         sub["skipped"] += sum(f_skipped.values())
         file_entries.append({"path": f.path, "subset": f.subset, "kind": f.kind, "size": f.size,
                              "rows": state.done["rows"], "documents": docs, "tokens": tokens,
-                             "shards": [r["prefix"] for r in state.shards], "skipped": dict(f_skipped)})
-        shards.extend({k: r[k] for k in ("prefix", "subset", "source", "rows", "documents", "tokens", "skipped")}
-                      for r in state.shards)
+                             "shards": [r["prefix"] for r in state.shards], "skipped": dict(f_skipped),
+                             "problems": state.done.get("problems", []),
+                             "encoder": state.done.get("encoder", ""),
+                             "verification": state.done.get("verification")})
+        shards.extend({**{k: r[k] for k in ("prefix", "subset", "source", "rows", "documents", "tokens", "skipped")},
+                       "encoder": r.get("encoder", "")} for r in state.shards)
     return {
         "format": FORMAT,
         "version": 1,
@@ -104,12 +107,13 @@ def build_manifest(out_dir: Path, files: list[InputFile], run: dict, command: li
         "shards": shards,
         "skipped_rows": [{"file": p, "row": r, "reason": why} for p, r, why in listed[:MAX_LISTED_SKIPS]],
         "skipped_rows_truncated": len(listed) > MAX_LISTED_SKIPS or sum(skipped.values()) > len(listed),
+        "encoders": dict(Counter(s["encoder"] for s in shards)),
     }
 
 
-def write_manifest(out_dir: Path, manifest: dict) -> Path:
+def write_manifest(out_dir: Path, manifest: dict, fsync: bool = True) -> Path:
     path = out_dir / MANIFEST
-    write_json_atomic(path, manifest)
+    write_json_atomic(path, manifest, fsync)
     return path
 
 

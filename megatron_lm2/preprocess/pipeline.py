@@ -25,7 +25,12 @@ from megatron_lm2.preprocess import encode as encode_mod
 from megatron_lm2.preprocess.manifest import build_manifest, check_or_write_run, write_manifest
 from megatron_lm2.preprocess.readers import InputFile, discover_inputs, iter_tasks
 from megatron_lm2.preprocess.shards import FileSharder, load_state
-from megatron_lm2.tokenizer import load_tokenizer
+from megatron_lm2.tokenizer import TokenizerError, load_tokenizer
+from megatron_lm2.tokenizer.encoders import FAST_ENCODERS, EncoderUnavailable, fast_encoder, reference_encoder
+
+
+class EncoderMismatch(TokenizerError):
+    """A forced fast encoder that differs from the reference on a file's sample."""
 
 
 @dataclass(kw_only=True)
@@ -39,7 +44,12 @@ class PreprocessConfig:
     shard_tokens: int = 1_000_000_000
     workers: int | None = None            # None: this rank's share of the CPU cores; 0: encode in-process
     rows_per_task: int = 1024
-    encode_batch: int = 128
+    encode_batch: int = 128               # texts per reference-encoder call (the fast one takes a task)
+    encoder: str = "auto"                 # "auto", "reference" (alias "hf"), or a fast encoder ("fastokens")
+    verify_first_bytes: int = 1 << 20     # per file: text from the start checked fast == reference
+    verify_random_bytes: int = 2 << 20    # per file: text from random places checked
+    verify_seed: int = 0
+    fsync: bool = True                    # shards and records reach the disk before they count
     progress: bool = True
     command: list[str] = field(default_factory=list)
 
@@ -87,6 +97,7 @@ def run(cfg: PreprocessConfig) -> tuple[dict | None, RankStats]:
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
 
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.eod_token)
+    fast_name, fast_note = choose_fast_encoder(tokenizer, cfg.encoder)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 65500 else np.int32)
     files = discover_inputs(cfg.inputs, cfg.subsets)
     out_dir = Path(cfg.output)
@@ -104,7 +115,7 @@ def run(cfg: PreprocessConfig) -> tuple[dict | None, RankStats]:
     start_method = "fork" if comm is None and sys.platform == "linux" else "spawn"
     try:
         stats = _process(cfg, tokenizer, dtype, files, mine, out_dir, workers, start_method,
-                         show=cfg.progress and rank == 0)
+                         show=cfg.progress and rank == 0, fast_name=fast_name)
     except BaseException as e:
         if comm is not None and world > 1:
             # the other ranks would wait for this one forever; committed shards stay for the rerun
@@ -123,25 +134,72 @@ def run(cfg: PreprocessConfig) -> tuple[dict | None, RankStats]:
                           sum(s.files for s in all_stats))
         manifest = build_manifest(out_dir, files, run_record, cfg.command)
         manifest["last_run"] = {"ranks": world, "workers_per_rank": workers, "seconds": round(total.seconds, 3),
-                                "documents": total.documents, "tokens": total.tokens}
-        write_manifest(out_dir, manifest)
+                                "documents": total.documents, "tokens": total.tokens,
+                                "encoder_requested": cfg.encoder, "fast_encoder": fast_name,
+                                "fast_encoder_note": fast_note, "fsync": cfg.fsync}
+        write_manifest(out_dir, manifest, cfg.fsync)
         stats = total
     if comm is not None:
         comm.Barrier()
     return manifest, stats
 
 
-def _process(cfg, tokenizer, dtype, files, mine, out_dir, workers, start_method, show) -> RankStats:
+def choose_fast_encoder(tokenizer, requested: str) -> tuple[str | None, str]:
+    """(fast encoder to verify per file or None, a note saying why). ``auto`` takes the first
+    fast encoder that is installed and loads this tokenizer; a named one must, or the run stops."""
+    if requested in ("reference", "hf", "sentencepiece"):
+        return None, f"--encoder {requested}: the reference encoder only"
+    names = FAST_ENCODERS if requested == "auto" else (requested,)
+    if requested != "auto" and requested not in FAST_ENCODERS:
+        raise EncoderUnavailable(f"--encoder {requested}: unknown (choose auto, hf, {', '.join(FAST_ENCODERS)})")
+    reasons = []
+    for name in names:
+        try:
+            enc = fast_encoder(tokenizer, name)
+        except EncoderUnavailable as e:
+            if requested != "auto":
+                raise EncoderUnavailable(f"--encoder {requested}: {e}") from e
+            reasons.append(str(e))
+            continue
+        return name, f"{enc.name}, verified per file against {reference_encoder(tokenizer).name}"
+    return None, "no fast encoder: " + "; ".join(reasons)
+
+
+def _process(cfg, tokenizer, dtype, files, mine, out_dir, workers, start_method, show,
+             fast_name: str | None = None) -> RankStats:
     stats = RankStats()
     start = time.perf_counter()
     states = {i: load_state(out_dir, files[i]) for i in mine}
     todo = [i for i in mine if states[i].done is None]
 
     pool = None
+    local = None  # the encoders of the in-process path
     if workers > 0 and todo:
         pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=get_context(start_method), initializer=encode_mod.init_worker,
-            initargs=(str(tokenizer.path), cfg.eod_token, cfg.json_key, dtype.name, cfg.encode_batch))
+            initargs=(str(tokenizer.path), cfg.eod_token, cfg.json_key, dtype.name, cfg.encode_batch, fast_name))
+    elif todo:
+        local = encode_mod.make_encoders(str(tokenizer.path), cfg.eod_token, cfg.json_key, dtype.name,
+                                         cfg.encode_batch, fast_name)
+    verify_args = (cfg.verify_seed, cfg.verify_first_bytes, cfg.verify_random_bytes)
+    verdicts: dict = {}
+
+    def request_verdicts(position: int) -> None:
+        """Verdicts for this file and the next ``workers`` ones, so a file's sample is checked
+        while the previous file is encoding."""
+        if fast_name is None:
+            return
+        for i in todo[position:position + max(1, workers) + 1]:
+            if i not in verdicts:
+                if pool is not None:
+                    verdicts[i] = pool.submit(encode_mod.worker_verify, files[i], *verify_args)
+                else:
+                    from megatron_lm2.preprocess.verify import verify_file
+
+                    verdicts[i] = verify_file(files[i], local, *verify_args)
+
+    ref_name = reference_encoder(tokenizer).name
+    fast_label = None
     bar = _progress_bar(files, mine, states, show)
     window = 2 * workers + 2
     pending: deque = deque()
@@ -165,17 +223,34 @@ def _process(cfg, tokenizer, dtype, files, mine, out_dir, workers, start_method,
             bar.set_postfix_str(f"{stats.documents / elapsed:,.0f} docs/s, {stats.tokens / elapsed:,.0f} tok/s")
 
     try:
-        for i in todo:
+        for position, i in enumerate(todo):
             f = files[i]
-            sharders[i] = FileSharder(out_dir, f, states[i], cfg.shard_tokens, dtype)
-            for task in iter_tasks(i, f, states[i].next_row, cfg.rows_per_task):
+            request_verdicts(position)
+            verdict, use_fast = None, False
+            if fast_name is not None:
+                verdict = verdicts.pop(i)
+                verdict = verdict.result() if pool is not None else verdict
+                use_fast = verdict["result"] == "equal"
+                if fast_label is None:
+                    from megatron_lm2.tokenizer.encoders import _version
+
+                    fast_label = f"{fast_name} {_version(fast_name)}"
+                verdict = {"encoder": fast_label, "reference": ref_name, **verdict}
+                if not use_fast and cfg.encoder != "auto":
+                    raise EncoderMismatch(
+                        f"{f.path}: {fast_label} encodes {verdict['first_difference']} differently from {ref_name}; "
+                        f"nothing of this file was written with it. Rerun with --encoder auto (falls back to "
+                        f"{ref_name} for such files) or --encoder hf")
+            sharders[i] = FileSharder(out_dir, f, states[i], cfg.shard_tokens, dtype,
+                                      encoder=fast_label if use_fast else ref_name, verification=verdict,
+                                      fsync=cfg.fsync)
+            for task in iter_tasks(i, f, states[i].next_row, cfg.rows_per_task, json_key=cfg.json_key):
                 if task.end:
                     pending.append((task,))
                 elif pool is not None:
-                    pending.append((task, pool.submit(encode_mod.worker_encode, task)))
+                    pending.append((task, pool.submit(encode_mod.worker_encode, task, use_fast)))
                 else:
-                    pending.append((task, encode_mod.encode_task(task, tokenizer, cfg.json_key, dtype,
-                                                                 cfg.encode_batch)))
+                    pending.append((task, encode_mod.encode_task(task, local, use_fast)))
                 while len(pending) > window or (pending and pending[0][0].end):
                     drain_one()
         while pending:

@@ -13,6 +13,10 @@ Commit protocol for shard ``k`` of a file (the ``.progress`` record is the commi
     ...
     -> .progress/<subset>/<stem>.done.json        the file is finished (rows, trailing skips)
 
+With ``fsync`` (the default) each ``.tmp`` file is fsynced before its rename and the directory
+after it, and each record likewise: a shard whose record exists survives a power loss, not only
+a killed process.
+
 A rerun trusts only committed records: it restarts the file at the row after its last committed
 shard and rewrites anything after it, so a kill at any moment leaves nothing half-visible.
 """
@@ -33,13 +37,35 @@ from megatron_lm2.preprocess.readers import InputFile
 MAX_LISTED_SKIPS = 1000  # per shard record; counts stay exact beyond it
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj, fsync: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: the directory entry is data of the directory)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def shard_prefix(f: InputFile, index: int) -> str:
@@ -76,11 +102,26 @@ def load_state(out_dir: Path, f: InputFile) -> FileState:
     return state
 
 
+def _indexed_dataset_builder():
+    """megatron.core's builder, imported on first use (seconds, and workers never need it).
+    Importing megatron.core pulls in its optimizer modules, which warn four times that
+    Transformer Engine and Apex are absent; nothing here uses either, so the warnings are noise."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    return IndexedDatasetBuilder
+
+
 class FileSharder:
     """Receives one file's EncodedBatches in row order and writes its shards."""
 
-    def __init__(self, out_dir: Path, f: InputFile, state: FileState, shard_tokens: int, dtype):
+    def __init__(self, out_dir: Path, f: InputFile, state: FileState, shard_tokens: int, dtype,
+                 encoder: str = "", verification: dict | None = None, fsync: bool = True):
         self.out_dir, self.file, self.shard_tokens = out_dir, f, shard_tokens
+        self.encoder, self.verification, self.fsync = encoder, verification, fsync
+        self.problems: list[str] = []
         self.dtype = np.dtype(dtype)
         self.index = len(state.shards)
         self.start_row = state.next_row
@@ -92,6 +133,8 @@ class FileSharder:
 
     def add(self, batch: EncodedBatch) -> None:
         self.skips.extend(batch.skips)
+        if batch.problem and len(self.problems) < 10:
+            self.problems.append(batch.problem)
         n = len(batch.lengths)
         if n == 0:
             return
@@ -116,14 +159,14 @@ class FileSharder:
         done = {"source": self.file.path, "subset": self.file.subset, "rows": total_rows,
                 "shards": self.index, "trailing_rows": [self.start_row, total_rows],
                 "skipped": dict(Counter(reason for _, reason in trailing)),
-                "skips": [list(s) for s in trailing[:MAX_LISTED_SKIPS]]}
-        write_json_atomic(progress_dir(self.out_dir, self.file) / f"{self.file.stem}.done.json", done)
+                "skips": [list(s) for s in trailing[:MAX_LISTED_SKIPS]],
+                "problems": self.problems, "encoder": self.encoder, "verification": self.verification}
+        write_json_atomic(progress_dir(self.out_dir, self.file) / f"{self.file.stem}.done.json", done, self.fsync)
         return done
 
     def _append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         if self.builder is None:
-            # imported here: importing megatron.core takes seconds, and workers never need it
-            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+            IndexedDatasetBuilder = _indexed_dataset_builder()
 
             prefix = self.out_dir / shard_prefix(self.file, self.index)
             prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -140,16 +183,22 @@ class FileSharder:
     def _close(self, end_row: int) -> None:
         prefix = self.out_dir / shard_prefix(self.file, self.index)
         self.builder.finalize(str(prefix) + ".idx.tmp")
+        if self.fsync:  # the shard's bytes reach the disk before the rename and the record
+            fsync_file(str(prefix) + ".bin.tmp")
+            fsync_file(str(prefix) + ".idx.tmp")
         os.replace(str(prefix) + ".bin.tmp", str(prefix) + ".bin")
         os.replace(str(prefix) + ".idx.tmp", str(prefix) + ".idx")
+        if self.fsync:
+            fsync_dir(prefix.parent)
         mine = [s for s in self.skips if s[0] < end_row]
         self.skips = [s for s in self.skips if s[0] >= end_row]
         record = {"prefix": shard_prefix(self.file, self.index), "subset": self.file.subset,
                   "source": self.file.path, "rows": [self.start_row, end_row],
-                  "documents": self.documents, "tokens": self.tokens,
+                  "documents": self.documents, "tokens": self.tokens, "encoder": self.encoder,
                   "skipped": dict(Counter(reason for _, reason in mine)),
                   "skips": [list(s) for s in mine[:MAX_LISTED_SKIPS]]}
-        write_json_atomic(progress_dir(self.out_dir, self.file) / f"{self.file.stem}_{self.index:05d}.json", record)
+        write_json_atomic(progress_dir(self.out_dir, self.file) / f"{self.file.stem}_{self.index:05d}.json", record,
+                          self.fsync)
         self.new_shards.append(record)
         self.index += 1
         self.start_row = end_row
