@@ -18,6 +18,35 @@ from torch.overrides import TorchFunctionMode
 _CPU = torch.device("cpu")
 _enabled = False
 
+# The megatron-core releases these patches (and training/checkpoint.py's optimizer-loading
+# fixes) were written for: [low, high). CI tests 0.16.1; the CPU recipes were also checked on
+# 0.19.2. setup.py's requirement says the same (tests/test_compat.py holds them together).
+MEGATRON_CORE_RANGE = ("0.16.1", "0.20")
+
+
+class UnsupportedMegatronCore(RuntimeError):
+    pass
+
+
+def check_megatron_core_version(version: str | None = None) -> str:
+    """Refuse a megatron-core these patches were not written for: they replace internals
+    (RNG getters, reduce-scatter, the distributed optimizer's state loader) by name, and a
+    release that moved them would fail in ways far from the cause."""
+    from packaging.version import Version
+
+    if version is None:
+        from megatron.core import package_info
+
+        version = package_info.__version__
+    low, high = MEGATRON_CORE_RANGE
+    if not Version(low) <= Version(version) < Version(high):
+        raise UnsupportedMegatronCore(
+            f"megatron-core {version} is not supported: megatron_lm2/compat.py patches "
+            f"megatron-core internals written for >={low},<{high}; install "
+            f"'megatron-core>={low},<{high}' (constraints.txt pins the tested release)"
+        )
+    return version
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
@@ -83,6 +112,7 @@ def enable_cpu_compat() -> bool:
         return True
     if cuda_available():
         return False
+    check_megatron_core_version()
 
     # ~175 `device=torch.cuda.current_device()` sites (embeddings, linear layers, DDP buffers).
     torch.cuda.current_device = lambda: _CPU

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from megatron_lm2.convert.hf_lm2.configuration_lm2 import LM2Config
-from megatron_lm2.convert.hf_lm2.modeling_lm2 import LM2Cache, LM2ForCausalLM
+from megatron_lm2.convert.hf_lm2.modeling_lm2 import _CACHE_FIELD, LM2Cache, LM2ForCausalLM, LM2Model
 
 TOL = 1e-4
 VOCAB = 512
@@ -56,7 +55,7 @@ def test_greedy_with_cache_equals_full_recompute(window, write, slots):
                   pad_token_id=0)
     cached = model.generate(prompt, **kwargs)
     recomputed = model.generate(prompt, use_cache=False, **kwargs)
-    assert isinstance(cached.past_key_values, LM2Cache)
+    assert isinstance(_cache_of(cached), LM2Cache)
     assert torch.equal(cached.sequences, recomputed.sequences)
     steps = torch.stack(cached.logits, dim=1)
     assert (steps - torch.stack(recomputed.logits, dim=1)).abs().max().item() <= TOL
@@ -64,9 +63,9 @@ def test_greedy_with_cache_equals_full_recompute(window, write, slots):
     with torch.no_grad():
         full = model(cached.sequences, use_cache=False).logits
     assert (full[:, 44:-1] - steps).abs().max().item() <= TOL
-    assert cached.past_key_values.seen_tokens == 45 + 39
+    assert _cache_of(cached).seen_tokens == 45 + 39
     if window is not None:
-        assert cached.past_key_values.key_cache[0].shape[2] <= window
+        assert _cache_of(cached).key_cache[0].shape[2] <= window
 
 
 def test_beam_search_with_cache_equals_full_recompute():
@@ -80,7 +79,7 @@ def test_banks_written_only_when_a_chunk_completes():
     model = _model()
     tokens = _tokens(40)
     with torch.no_grad():
-        cache = model(tokens[:, :10], use_cache=True).past_key_values
+        cache = _cache_of(model(tokens[:, :10], use_cache=True))
         start = cache.memory_banks()[1].clone()
         for t in range(10, 16):  # tokens 10..15 complete chunk 0
             model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
@@ -147,30 +146,56 @@ def test_reset_save_and_restore_banks(tmp_path):
         model.load_memory_banks({9: banks[1]})
 
 
-@pytest.mark.skipif(
-    int(transformers.__version__.split(".")[0]) < 5,
-    reason="transformers 4.x generate() reads a cache it is given as a legacy tuple "
-    "(cache[0][0]); forward(past_key_values=cache) works there",
-)
-def test_generate_continues_a_cache_and_copies_branch():
+# transformers >= 5.24 renamed generate()'s `past_key_values` to `cache` (the old name still
+# works there, deprecated); a user may pass either, and the model must take both.
+CACHE_KEYWORDS = ["past_key_values"] + (["cache"] if _CACHE_FIELD == "cache" else [])
+
+
+def _cache_of(output):
+    return getattr(output, _CACHE_FIELD)
+
+
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+def test_generate_continues_a_cache_and_copies_branch(keyword):
     model = _model()
     prompt = _tokens(30)
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     reference = model.generate(prompt, **kwargs)
     with torch.no_grad():
-        cache = model(prompt[:, :25], use_cache=True).past_key_values
+        cache = _cache_of(model(prompt[:, :25], use_cache=True))
     branch = cache.copy()
-    continued = model.generate(prompt, past_key_values=cache, **kwargs)
+    continued = model.generate(prompt, **{keyword: cache}, **kwargs)
     assert torch.equal(continued, reference)
     assert branch.seen_tokens == 25  # the copy did not move with the stream
-    again = model.generate(prompt, past_key_values=branch, **kwargs)
+    again = model.generate(prompt, **{keyword: branch}, **kwargs)
     assert torch.equal(again, reference)
+
+
+def test_generate_feeds_every_token_once(monkeypatch):
+    """With a cache, generate() must feed each token through the model once: the prompt, then
+    one token per step (the last new token is never fed). A release that hands the cache over
+    under a name the model ignores makes every step recompute the whole sequence: still the
+    same tokens, but quadratic work, which only this count shows."""
+    model = _model()
+    fed = []
+    original = LM2Model._forward_piece
+
+    def spy(self, x, cache):
+        fed.append(x.shape[1])
+        return original(self, x, cache)
+
+    monkeypatch.setattr(LM2Model, "_forward_piece", spy)
+    prompt = _tokens(30)
+    out = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 30 + 12
+    assert sum(fed) == 30 + 12 - 1
+    assert fed[-11:] == [1] * 11
 
 
 def test_memory_subset_and_padding_refused():
     model = _model(memory_layers=[2])
     assert [layer.memory is not None for layer in model.model.layers] == [False, True, False]
-    assert sorted(model(_tokens(20), use_cache=True).past_key_values.memory_banks()) == [2]
+    assert sorted(_cache_of(model(_tokens(20), use_cache=True)).memory_banks()) == [2]
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="padded batches"):

@@ -39,7 +39,12 @@ def load_hf(path: str, dtype: str = "float32", device: str = "cpu", trust_remote
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--hf {path}: no such directory")
     _register_lm2_with_auto()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+    import transformers
+
+    # transformers 5 renamed from_pretrained's `torch_dtype` to `dtype`; 4.x passes an unknown
+    # `dtype` on to the model's constructor.
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(path, **{dtype_key: getattr(torch, dtype)},
                                                  trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return Loaded("hf", model.to(device).eval(), tokenizer, model.config)

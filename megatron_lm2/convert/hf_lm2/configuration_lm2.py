@@ -25,7 +25,7 @@ class LM2Config(PretrainedConfig):
     """
 
     model_type = "lm2"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

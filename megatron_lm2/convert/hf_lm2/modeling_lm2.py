@@ -44,6 +44,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_lm2 import LM2Config
 
 _TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+# transformers >= 5.24 names the cache `cache` (in generate(), in forward() and in model
+# outputs); earlier releases name it `past_key_values`. Both are accepted on the way in; outputs
+# carry it under the installed release's name.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`")
+    return cache if cache is not None else past_key_values
 
 
 def identity_bank(num_slots, hidden_size, dtype=torch.float32, device=None):
@@ -75,16 +85,26 @@ class _MemoryState:
         self.reads = [fn(t) for t in self.reads]
 
 
-class LM2Cache:
+# transformers 4.x generate() reads any cache that is not a `Cache` as a legacy tuple of
+# tensors (cache[0][0]); 5.x duck-types caches and must not see 4.x Cache's machinery.
+_CacheBase = object if _TRANSFORMERS_V5 else transformers.cache_utils.Cache
+
+
+class LM2Cache(_CacheBase):
     """Streaming state of an LM2 model: the KV cache of the current attention segment (all
     tokens without a window), the memory banks and the partial memory chunk. `generate()`
-    creates one; pass it back as `past_key_values` (with the full token sequence as input_ids)
-    to continue a stream. `copy()` snapshots it."""
+    creates one; pass it back as `past_key_values` (or `cache`, transformers >= 5.24) with the
+    full token sequence as input_ids to continue a stream. `copy()` snapshots it."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = False  # the banks are a recurrent state: no rollback (assisted decoding)
+    # transformers >= 5.24 asks whether every layer is a linear-attention (recurrent-only)
+    # state; ours also holds a KV cache, so generate() may count the tokens it has seen.
+    is_linear = (False,)
+    seen_tokens = 0  # shadows 4.x Cache's read-only `seen_tokens` property; set per instance
 
     def __init__(self):
+        super().__init__()
         self.seen_tokens = 0
         self.key_cache = {}  # layer index -> [B, G, S, d_h] (RoPE applied)
         self.value_cache = {}
@@ -320,6 +340,7 @@ class LM2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["LM2DecoderLayer"]
     _supports_sdpa = True
+    _supports_cache_class = True  # transformers 4.x: generate() may be handed an LM2Cache
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -353,8 +374,13 @@ class LM2Model(LM2PreTrainedModel):
         self.layers = nn.ModuleList(LM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LM2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._start_banks = None  # banks a fresh stream starts from (load_memory_banks)
-        self._last_cache = None  # the cache of the last forward, for memory_banks()
+        self._remember(None)  # the cache of the last forward, for memory_banks()
         self.post_init()
+
+    def _remember(self, cache):
+        # In __dict__, not nn.Module's registry: under transformers 4.x an LM2Cache is an
+        # nn.Module and would otherwise become a submodule of the model.
+        self.__dict__["_last_cache"] = cache
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -391,6 +417,7 @@ class LM2Model(LM2PreTrainedModel):
         inputs_embeds=None,
         use_cache=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
         """`position_ids` are ignored: positions count from the start of the stream, as the
@@ -402,9 +429,10 @@ class LM2Model(LM2PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length, _ = inputs_embeds.shape
-        cache = past_key_values if past_key_values is not None else LM2Cache()
+        cache = _one_cache(cache, past_key_values)
+        cache = cache if cache is not None else LM2Cache()
         if not isinstance(cache, LM2Cache):
-            raise TypeError(f"past_key_values must be an LM2Cache, got {type(cache).__name__}")
+            raise TypeError(f"the cache must be an LM2Cache, got {type(cache).__name__}")
         if not cache.memory and cache.seen_tokens == 0:
             self._init_memory(cache, batch, inputs_embeds.dtype, inputs_embeds.device)
 
@@ -418,10 +446,9 @@ class LM2Model(LM2PreTrainedModel):
             end = start + min(length - start, piece - cache.seen_tokens % piece)
             hidden.append(self._forward_piece(inputs_embeds[:, start:end], cache))
             start = end
-        self._last_cache = cache
+        self._remember(cache)
         return BaseModelOutputWithPast(
-            last_hidden_state=torch.cat(hidden, dim=1),
-            past_key_values=cache if use_cache else None,
+            last_hidden_state=torch.cat(hidden, dim=1), **{_CACHE_FIELD: cache if use_cache else None}
         )
 
     def _forward_piece(self, x, cache):
@@ -480,7 +507,7 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
     def reset_memory(self):
         """Forget loaded banks and the last stream: the next fresh stream starts from M_0."""
         self.model._start_banks = None
-        self.model._last_cache = None
+        self.model._remember(None)
 
     def memory_banks(self, cache=None):
         """Copies of the banks {layer_number: [B, N, d]} of `cache`, or of the stream of the
@@ -523,12 +550,13 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -543,7 +571,8 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        cache_out = {_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_out)
 
     def prepare_inputs_for_generation(
         self,
@@ -553,11 +582,13 @@ class LM2ForCausalLM(LM2PreTrainedModel, GenerationMixin):
         inputs_embeds=None,
         use_cache=True,
         logits_to_keep=None,
+        cache=None,
         **kwargs,
     ):
         """input_ids is the whole sequence so far; feed only what the cache has not seen."""
         _check_no_padding(attention_mask)
-        inputs = {"past_key_values": past_key_values, "use_cache": use_cache}
+        past_key_values = _one_cache(cache, past_key_values)
+        inputs = {_CACHE_FIELD: past_key_values, "use_cache": use_cache}
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         if past_key_values is None or past_key_values.seen_tokens == 0:
