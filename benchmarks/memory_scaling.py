@@ -124,8 +124,11 @@ def study_forward(self, hidden_states, **unused):
         if j + 1 < len(starts):
             w = torch.softmax(write_logits.transpose(-1, -2), dim=-1)  # [B, h, N, c]: slots over tokens
             content = torch.einsum("bhnc,cbhe->bnhe", w, values[start:end]).reshape(batch, n, d)
-            g_in = torch.sigmoid(self.linear_in_gate(content)[0])
-            g_forget = torch.sigmoid(self.linear_forget_gate(content)[0])
+            if hasattr(self, "linear_gates"):  # both gates in one GEMM: rows [input; forget]
+                g_in, g_forget = torch.sigmoid(self.linear_gates(content)[0]).chunk(2, dim=-1)
+            else:
+                g_in = torch.sigmoid(self.linear_in_gate(content)[0])
+                g_forget = torch.sigmoid(self.linear_forget_gate(content)[0])
             bank = g_in * torch.tanh(content) + g_forget * bank
             if collect:
                 diag["write_entropy"].append(float(_entropy(w).mean() / math.log(end - start)))
@@ -431,7 +434,7 @@ def report_text(runs: list[dict]) -> str:
                 lines.append(
                     f"| {_task_name(r)} | {r['chunk']} | {r['slots']} | {_label(r)} | {r['seed']} | {d['step']} | "
                     f"{100 * acc.get(d['step'], float('nan')):.1f} | {gn('linear_q')} | {gn('linear_kv')} | "
-                    f"{gn('linear_in_gate')} | {gn('linear_forget_gate')} | {gn('linear_proj')} | "
+                    f"{gn('linear_in_gate')} | {gn('linear_forget_gate') if gn('linear_gates') == '-' else gn('linear_gates') + ' (both)'} | {gn('linear_proj')} | "
                     f"{val('write_entropy')} | {val('write_fact_mean')} / {val('write_fact_max')} | "
                     f"{val('read_entropy')} | {val('gate_in', '{:.2f}')} / {val('gate_forget', '{:.2f}')} / "
                     f"{val('gate_out', '{:.2f}')} |")

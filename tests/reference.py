@@ -74,15 +74,17 @@ def weights_of(memory_module, num_heads: int) -> dict:
     """Unfused [out, in] matrices from a (TP=1) LM2Memory module."""
     d = memory_module.linear_q.weight.shape[1]
     head_dim = d // num_heads
-    kv = memory_module.linear_kv.weight.detach().view(num_heads, 2, head_dim, d)
+    # The state dict names every gate on its own even where the module fuses their GEMMs.
+    state = {k: v.detach() for k, v in memory_module.state_dict().items() if torch.is_tensor(v)}
+    kv = state["linear_kv.weight"].view(num_heads, 2, head_dim, d)
     return dict(
-        q=memory_module.linear_q.weight.detach(),
+        q=state["linear_q.weight"],
         k=kv[:, 0].reshape(d, d),
         v=kv[:, 1].reshape(d, d),
-        out_gate=memory_module.linear_out_gate.weight.detach(),
-        in_gate=memory_module.linear_in_gate.weight.detach(),
-        forget_gate=memory_module.linear_forget_gate.weight.detach(),
-        proj=memory_module.linear_proj.weight.detach(),
+        out_gate=state["linear_out_gate.weight"],
+        in_gate=state["linear_in_gate.weight"],
+        forget_gate=state["linear_forget_gate.weight"],
+        proj=state["linear_proj.weight"],
         initial=memory_module.initial_bank.detach(),
         **{
             name: getattr(memory_module, f"{name[:-6]}_logit_scale").detach()
