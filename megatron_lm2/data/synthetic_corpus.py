@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from megatron_lm2.data.babi_world import BabiWorld
+
 # Fact vocabulary. Filler prose below never uses these words, so only fact sentences carry them.
 PEOPLE = (
     "Mary", "John", "Sandra", "Daniel", "Fred", "Bill", "Julie", "Emma", "Oliver", "Sofia", "Lucas",
@@ -167,70 +169,59 @@ def _filler_sentence(rng: random.Random) -> str:
     return s + "."
 
 
-class _World:
-    """Story state: where each person is and who holds or where lies each object."""
+class _World(BabiWorld):
+    """The corpus's story: a few people, places and objects drawn per document; random moves,
+    takes, drops and hand-overs (BabiWorld holds the state and the moves)."""
 
     def __init__(self, rng: random.Random, config: CorpusConfig):
-        self.rng = rng
-        self.people = rng.sample(PEOPLE, config.people)
-        self.places = rng.sample(PLACES, max(3, config.people + 1))
-        self.objects = rng.sample(OBJECTS, config.objects)
-        self.where: dict[str, str] = {}
-        self.holder: dict[str, str | None] = {o: None for o in self.objects}
-        self.lies_in: dict[str, str | None] = {o: None for o in self.objects}
-        self.facts: list[str] = []
-
-    def move(self, person: str) -> None:
-        choices = [p for p in self.places if p != self.where.get(person)]
-        place = self.rng.choice(choices)
-        self.where[person] = place
-        self.facts.append(f"{person} {self.rng.choice(MOVE_VERBS)} the {place}.")
+        people = rng.sample(PEOPLE, config.people)
+        places = rng.sample(PLACES, max(3, config.people + 1))
+        objects = rng.sample(OBJECTS, config.objects)
+        super().__init__(rng, people, places, objects, MOVE_VERBS)
 
     def step(self) -> None:
         rng = self.rng
         person = rng.choice(self.people)
-        held = [o for o in self.objects if self.holder[o] == person]
-        here = [o for o in self.objects if self.holder[o] is None and self.lies_in[o] == self.where[person]]
-        free = [o for o in self.objects if self.holder[o] is None and self.lies_in[o] is None]
+        here_place = self.place[person]
+        held = self.carried(person)
+        free = self.lying_free()
+        here = [o for o in free if self.object_place[o] == here_place]
+        never_taken = [o for o in free if self.object_place[o] is None]
         roll = rng.random()
         if held and roll < 0.25:
             obj = rng.choice(held)
-            self.holder[obj], self.lies_in[obj] = None, self.where[person]
+            self.holder[obj] = None  # it stays where it is: the person's place
             self.facts.append(f"{person} {rng.choice(DROP_VERBS)} the {obj}.")
         elif held and roll < 0.4:
             other = rng.choice([p for p in self.people if p != person])
             obj = rng.choice(held)
             # a hand-over needs both in one place: the receiver comes over first
-            if self.where[other] != self.where[person]:
-                self.where[other] = self.where[person]
-                self.facts.append(f"{other} {rng.choice(MOVE_VERBS)} the {self.where[person]}.")
+            if self.place[other] != here_place:
+                self.move_to(other, here_place)
             self.holder[obj] = other
             self.facts.append(f"{person} {rng.choice(GIVE_VERBS)} the {obj} to {other}.")
-        elif (here or free) and roll < 0.7:
-            obj = rng.choice(here or free)
-            self.holder[obj], self.lies_in[obj] = person, None
+        elif (here or never_taken) and roll < 0.7:
+            obj = rng.choice(here or never_taken)
+            self.holder[obj] = person
+            self.note_object_place(obj, here_place)
             self.facts.append(f"{person} {rng.choice(TAKE_VERBS)} the {obj}.")
         else:
             self.move(person)
 
     def questions(self, count: int) -> list[QA]:
-        pool: list[QA] = [QA(f"Where is {p}?", self.where[p]) for p in self.people]
+        pool: list[QA] = [QA(f"Where is {p}?", self.place[p]) for p in self.people]
         for o in self.objects:
-            if self.holder[o] is not None:
-                pool.append(QA(f"Where is the {o}?", self.where[self.holder[o]]))
-                pool.append(QA(f"Who has the {o}?", self.holder[o]))
-            elif self.lies_in[o] is not None:
-                pool.append(QA(f"Where is the {o}?", self.lies_in[o]))
-                pool.append(QA(f"Who has the {o}?", "nobody"))
+            if self.object_place[o] is None:
+                continue  # never taken: nothing in the story says where it is
+            pool.append(QA(f"Where is the {o}?", self.object_place[o]))
+            pool.append(QA(f"Who has the {o}?", self.holder[o] or "nobody"))
         return self.rng.sample(pool, min(count, len(pool)))
 
 
 def generate_document(index: int, seed: int, config: CorpusConfig = CorpusConfig()) -> SyntheticDocument:
     """Document ``index`` of corpus ``seed``: a function of (seed, index, config) only."""
     rng = random.Random(f"lm2-synthetic:{seed}:{index}")
-    world = _World(rng, config)
-    for person in world.people:
-        world.move(person)
+    world = _World(rng, config).place_everyone()
     for _ in range(config.events):
         world.step()
     qa = world.questions(config.questions)

@@ -20,6 +20,7 @@ import random
 import re
 from typing import Callable, Optional, Sequence
 
+from megatron_lm2.data.babi_world import BabiWorld
 from megatron_lm2.eval.answers import TASKS
 
 PEOPLE = ("Mary", "John", "Daniel", "Sandra")
@@ -75,49 +76,26 @@ class Filler:
 
 
 # ------------------------------------------------------------------------------ stories
-class _World:
-    """People's places, objects' holders and places, and a history of where things were."""
+class _World(BabiWorld):
+    """BABILong's stories: the benchmark's four people, six places and three objects; takes and
+    drops phrased with "there", hand-overs only between people in one place."""
 
     def __init__(self, rng: random.Random, people=PEOPLE):
-        self.rng = rng
-        self.people = list(people)
-        self.place = {p: None for p in self.people}
-        self.holder = {o: None for o in OBJECTS}
-        self.object_place = {o: None for o in OBJECTS}
-        self.object_trail = {o: [] for o in OBJECTS}
-        self.facts: list[str] = []
+        super().__init__(rng, people, PLACES, OBJECTS, MOVES)
 
     @classmethod
     def with_everyone_placed(cls, rng: random.Random, people=PEOPLE) -> "_World":
         """A world whose story opens by moving each person somewhere."""
-        world = cls(rng, people)
-        for person in world.people:
-            world.move(person)
-        return world
-
-    def _note_object_place(self, obj: str, place: Optional[str]) -> None:
-        self.object_place[obj] = place
-        if place is not None and (not self.object_trail[obj] or self.object_trail[obj][-1] != place):
-            self.object_trail[obj].append(place)
-
-    def move(self, person: Optional[str] = None) -> None:
-        person = person or self.rng.choice(self.people)
-        choices = [p for p in PLACES if p != self.place[person]]
-        place = self.rng.choice(choices)
-        self.place[person] = place
-        for obj, holder in self.holder.items():
-            if holder == person:
-                self._note_object_place(obj, place)
-        self.facts.append(f"{person} {self.rng.choice(MOVES)} the {place}.")
+        return cls(rng, people).place_everyone()
 
     def take(self) -> bool:
-        free = [o for o in OBJECTS if self.holder[o] is None]
+        free = self.lying_free()
         present = [p for p in self.people if self.place[p] is not None]
         if not free or not present:
             return False
         person, obj = self.rng.choice(present), self.rng.choice(free)
         self.holder[obj] = person
-        self._note_object_place(obj, self.place[person])
+        self.note_object_place(obj, self.place[person])
         self.facts.append(f"{person} {self.rng.choice(TAKES)} the {obj} there.")
         return True
 
@@ -150,9 +128,6 @@ class _World:
               "give": self.give}[kind]()
         if not ok:
             self.move()
-
-    def carried(self, person: str) -> list[str]:
-        return [o for o in OBJECTS if self.holder[o] == person]
 
 
 def _qa1(rng):
