@@ -18,9 +18,13 @@ module's equations (tested equal to megatron_lm2.memory.LM2Memory for the modes 
 so a prototype write can be measured before it lands in the module:
     attention   today's write: scores S = Q K^T / sqrt(d_h) shared by the read (softmax over slots)
                 and the write (softmax over the chunk's tokens)
+    salience    today's scores, plus a learned per-token, per-head bias in the write's softmax over
+                tokens (b_t = E_t w_h, w zero-initialised): the model can learn which tokens are
+                worth writing without first sharpening N slot-specific scores
     qknorm      RMS-normalised memory queries and slot keys per head, cosine scores times a learned
                 per-head logit scale, one for the read (init --tau-read) and one for the write
                 (init --tau-write), as QK-norm does for self-attention
+    qknorm-salience  both
     module      the module's own forward, whatever its memory_write is (no diagnostics but
                 accuracy and gradients)
 """
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
-WRITE_MODES = ("attention", "qknorm", "module")
+WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "module")
 RESULTS = "benchmarks/memory_scaling.jsonl"
 
 
@@ -111,7 +115,7 @@ def study_forward(self, hidden_states, **unused):
         kv = self.linear_kv(bank)[0].view(batch, n, h, 2, dh)
         key, value = kv[..., 0, :], kv[..., 1, :]
         q = query[start:end]
-        if self.study_write == "qknorm":
+        if self.study_write.startswith("qknorm"):
             cos = torch.einsum("cbhe,bnhe->bhcn", _rms(q), _rms(key)) / dh
             read_logits = cos * self.read_logit_scale.view(1, h, 1, 1)
             write_logits = cos * self.write_logit_scale.view(1, h, 1, 1)
@@ -122,7 +126,13 @@ def study_forward(self, hidden_states, **unused):
         if collect and j == len(starts) - 1:
             diag["read_entropy"].append(float(_entropy(attn).mean() / math.log(n)) if n > 1 else 0.0)
         if j + 1 < len(starts):
-            w = torch.softmax(write_logits.transpose(-1, -2), dim=-1)  # [B, h, N, c]: slots over tokens
+            write_logits = write_logits.transpose(-1, -2)  # [B, h, N, c]: slots over tokens
+            if self.study_write.endswith("salience"):
+                # A learned per-token, per-head bias of the write: how much any slot takes of
+                # this token. Zero at init (= the write without it); first-order in its weight.
+                bias = torch.einsum("cbd,hd->bhc", hidden_states[start:end], self.write_salience)
+                write_logits = write_logits + bias[:, :, None, :]
+            w = torch.softmax(write_logits, dim=-1)
             content = torch.einsum("bhnc,cbhe->bnhe", w, values[start:end]).reshape(batch, n, d)
             if hasattr(self, "linear_gates"):  # both gates in one GEMM: rows [input; forget]
                 g_in, g_forget = torch.sigmoid(self.linear_gates(content)[0]).chunk(2, dim=-1)
@@ -161,7 +171,9 @@ def install_write(model, write: str, tau_read: float = 10.0, tau_write: float = 
         if m.tp_rank != 0 or m.local_hidden != m.config.hidden_size:
             raise ValueError("the study forward is for tensor-parallel size 1")
         m.study_write = write
-        if write == "qknorm":
+        if write.endswith("salience"):
+            m.write_salience = torch.nn.Parameter(torch.zeros(m.num_heads, m.config.hidden_size))
+        if write.startswith("qknorm"):
             m.read_logit_scale = torch.nn.Parameter(torch.full((m.num_heads,), tau_read))
             m.write_logit_scale = torch.nn.Parameter(torch.full((m.num_heads,), tau_write))
         m.forward = types.MethodType(study_forward, m)
@@ -357,8 +369,8 @@ def _commit() -> str:
 def _label(r: dict) -> str:
     if r["model"] != "lm2":
         return "vanilla"
-    if r["write"] == "qknorm":
-        return f"qknorm(tau {r['tau_read']:g}/{r['tau_write']:g})"
+    if r["write"].startswith("qknorm"):
+        return f"{r['write']}(tau {r['tau_read']:g}/{r['tau_write']:g})"
     return r["write"]
 
 
@@ -550,8 +562,8 @@ def main(argv=None) -> int:
                     pairs=args.pairs if args.task == "mqar" else 1,
                     hops=args.hops if args.task == "persist" else 1, model=model_kind,
                     write=args.write if model_kind == "lm2" else "none",
-                    tau_read=args.tau_read if args.write == "qknorm" and model_kind == "lm2" else None,
-                    tau_write=args.tau_write if args.write == "qknorm" and model_kind == "lm2" else None,
+                    tau_read=args.tau_read if args.write.startswith("qknorm") and model_kind == "lm2" else None,
+                    tau_write=args.tau_write if args.write.startswith("qknorm") and model_kind == "lm2" else None,
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr)
         for seed in (int(s) for s in args.seeds.split(",")):
             key = run_key({**base, "seed": seed})

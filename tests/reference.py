@@ -24,7 +24,10 @@ def memory_reference(
     qk_norm: every head's query and slot key are divided by their root mean square
     (sqrt(mean(x^2) + eps)); the score is then their cosine (dot product / d_h) times a learned
     per-head scale, weights["read_scale"][h] for the read and weights["write_scale"][h] for the
-    write. Without it, one score Q K^T / sqrt(d_h) serves both."""
+    write. Without it, one score Q K^T / sqrt(d_h) serves both.
+
+    weights["write_salience"] ([heads, d], optional): the write's logit of token t for every slot
+    of head h gains e_t . write_salience[h]."""
     seq, batch, d = tokens.shape
     head_dim = d // heads
     sigmoid = torch.sigmoid
@@ -54,7 +57,10 @@ def memory_reference(
                     write_scores = scores
                 read[:, cols] = torch.softmax(scores, dim=1) @ v[:, cols]  # Eq. 1
                 # slots gather: each slot's weights over the chunk's tokens
-                content[:, cols] = torch.softmax(write_scores.T, dim=1) @ e[:, cols]
+                write_logits = write_scores.T  # [N, c]
+                if "write_salience" in weights:  # + a per-token bias, the same for every slot
+                    write_logits = write_logits + (e @ weights["write_salience"][h])[None, :]
+                content[:, cols] = torch.softmax(write_logits, dim=1) @ e[:, cols]
             read_all[start : start + chunk] = read
             if write == "attention":
                 g_in = sigmoid(content @ weights["in_gate"].T)  # Eq. 4
@@ -91,4 +97,9 @@ def weights_of(memory_module, num_heads: int) -> dict:
             for name in ("read_scale", "write_scale")
             if hasattr(memory_module, f"{name[:-6]}_logit_scale")
         },
+        **(
+            {"write_salience": memory_module.write_salience.detach()}
+            if hasattr(memory_module, "write_salience")
+            else {}
+        ),
     )
