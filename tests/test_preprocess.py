@@ -306,3 +306,104 @@ def _iter_docs(prefix: str):
 
     ds = IndexedDataset(prefix)
     return [ds[i].copy() for i in range(len(ds))]  # copies: the mmap closes with ds
+
+
+def test_lone_surrogate_row_is_skipped_and_the_rerun_succeeds(tmp_path, capsys):
+    """Valid JSON holding "\\ud800" used to abort the run with a TypeError, and every rerun too."""
+    good = _texts(3, 21)
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n"
+                           for t in [good[0], "before \ud800 after", good[1], "\udfff", good[2]]))
+    for _ in range(2):  # the rerun finds the finished output and succeeds as well
+        _run(["--input", str(src), "--output", str(tmp_path / "o"), "--workers", "0"])
+    manifest, docs = _read_back(tmp_path / "o")
+    tok = load_tokenizer()
+    assert docs == [tok.encode(t) + [tok.eod] for t in good]
+    assert [(e["row"], e["reason"]) for e in manifest["skipped_rows"]] == [(1, "lone_surrogate"), (3, "lone_surrogate")]
+    assert "skipped rows: lone_surrogate=2" in capsys.readouterr().out
+
+
+def test_jsonl_tasks_tile_the_rows_for_any_cut(tmp_path):
+    from megatron_lm2.preprocess.readers import discover_inputs, iter_tasks, task_lines
+
+    lines = [json.dumps({"text": t}).encode() for t in _texts(40, 4)] + [b"", b"{bad", b'{"text": "crlf"}\r']
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(b"\n".join(lines))  # no newline after the last row: still a row
+    f = discover_inputs([str(src)])[0]
+    for rows_per_task, max_bytes, start in [(1, 1 << 20, 0), (7, 1 << 20, 0), (1000, 1500, 0), (3, 900, 11),
+                                            (5, 1 << 20, 43), (5, 1 << 20, 50)]:
+        tasks = list(iter_tasks(0, f, start, rows_per_task, max_task_bytes=max_bytes))
+        body, end = tasks[:-1], tasks[-1]
+        assert end.end and end.first_row == max(len(lines), start)
+        got = [line for t in body for line in task_lines(t)]
+        assert got == lines[start:]
+        assert [t.first_row for t in body] == list(np.cumsum([start] + [t.num_rows for t in body])[:len(body)])
+        assert all(0 < t.num_rows <= rows_per_task and len(task_lines(t)) == t.num_rows for t in body)
+        assert all(len(t.data) < max_bytes + 2000 for t in body)  # a task closes on the line reaching the cap
+
+
+def test_fsync_makes_each_shard_and_record_durable(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(12, 3)))
+    _run(["--input", str(src), "--output", str(tmp_path / "o"), "--workers", "0", "--shard-tokens", "400"])
+    shards = load_manifest(tmp_path / "o")["shards"]
+    assert len(shards) >= 3
+    names = [Path(c).name for c in calls]
+    for s in shards:  # data before the rename, the record after it
+        stem = Path(s["prefix"]).name
+        assert names.index(f"{stem}.bin.tmp") < names.index(f"{stem}.json.tmp")
+        assert f"{stem}.idx.tmp" in names
+    assert "manifest.json.tmp" in names
+    calls.clear()
+    _run(["--input", str(src), "--output", str(tmp_path / "p"), "--workers", "0", "--no-fsync"])
+    assert calls == []
+
+
+def test_bad_inputs_name_the_file_and_the_reason(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    rng = np.random.default_rng(0)
+    (bad / "x.jsonl").write_bytes(bytes(rng.integers(0, 256, 20_000, dtype=np.uint8)))
+    good = tmp_path / "good.parquet"
+    _write_parquet(good, _texts(30, 2), row_group_size=10)
+    (bad / "t.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    pq.write_table(pa.table({"id": [1, 2], "content": ["a", "b"]}), bad / "n.parquet")
+    assert main(["--input", str(bad), "--output", str(tmp_path / "o"), "--no-progress", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "blend" not in err
+    assert err.startswith("lm2-preprocess: error: no documents written: ")
+    manifest = load_manifest(tmp_path / "o")
+    skipped = manifest["files"][2]["skipped"]
+    assert set(skipped) <= {"bad_json", "invalid_utf8"} and sum(skipped.values()) == manifest["files"][2]["rows"] > 0
+    detail = ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    assert (f"{bad / 'x.jsonl'}: 0 documents written — {sum(skipped.values()):,} rows skipped ({detail})") in err
+    assert f"{bad / 't.parquet'}: cannot read (truncated or not a parquet file): " in err
+    assert f"{bad / 'n.parquet'}: no column 'text' (columns: id, content; use --json-key)" in err
+
+    # with one good file the run succeeds and warns about the others
+    (bad / "good.parquet").write_bytes(good.read_bytes())
+    assert main(["--input", str(bad), "--output", str(tmp_path / "o2"), "--no-progress", "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"lm2-preprocess: warning: {bad / 'n.parquet'}: no column 'text'" in err
+    assert load_manifest(tmp_path / "o2")["totals"]["documents"] == 30
+
+
+def test_cli_errors_are_one_line_and_output_is_quiet(tmp_path):
+    """As a user sees it: exit 2, one line, no traceback; and a normal run does not repeat
+    megatron-core's Transformer Engine / Apex warnings."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(3, 1)))
+    for argv, expected in [(["--input", str(tmp_path / "nope.jsonl")], "no such file or directory"),
+                           (["--input", str(src), "--shard-tokens", "0"], "--shard-tokens 0: must be >= 1"),
+                           (["--input", str(src), "--tokenizer", str(tmp_path / "t.model")], "tokenizer not found")]:
+        proc = subprocess.run([sys.executable, "-m", "megatron_lm2.preprocess.cli", *argv, "--output",
+                               str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and expected in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "megatron_lm2.preprocess.cli", "--input", str(src), "--output",
+                           str(tmp_path / "ok"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Transformer Engine" not in proc.stderr and "Apex" not in proc.stderr, proc.stderr
