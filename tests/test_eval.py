@@ -45,8 +45,12 @@ from megatron_lm2.eval.prompts import build_prompt
         # the reference's substring matching: 'none' also holds 'one', so it never scores
         ("qa7", "none", "none", "How many objects is Mary carrying?", False),
         ("qa7", "two", "two", "How many objects is Mary carrying?", True),
-        # a two-object target is never the single label present
-        ("qa8", "apple,milk", "apple,milk", "What is Daniel carrying?", False),
+        # a two-object target: every object named and nothing else, in any order (the benchmark's
+        # multi-object branch; this case asserted False before, which was not the benchmark's rule)
+        ("qa8", "apple,milk", "apple,milk", "What is Daniel carrying?", True),
+        ("qa8", "apple,milk", "Daniel carries the milk and the apple", "What is Daniel carrying?", True),
+        ("qa8", "apple,milk", "apple", "What is Daniel carrying?", False),
+        ("qa8", "apple,milk", "apple, milk, football", "What is Daniel carrying?", False),
         ("qa8", "nothing", "Nothing.", "What is Daniel carrying?", True),
     ],
 )
@@ -61,7 +65,8 @@ def test_first_sentence_cuts():
 
 
 # -------------------------------------------------------------------------------- prompts
-def test_prompt_template_qa4():
+def test_prompt_template_qa4_first_draft():
+    """The benchmark's first draft (2024-05-15): single newlines, kept as --prompt-revision 2024-05-15."""
     expected = (
         "I will give you context with the facts about different people, their location and actions, hidden in "
         "some random text and a question. You need to answer the question based only on the information from "
@@ -73,17 +78,45 @@ def test_prompt_template_qa4():
         "Your answer should contain only one word - location. Do not write anything else after that.\n"
         "<context>\nThe office is east of the garden.\n</context>\nQuestion: What is the garden west of?"
     )
-    assert build_prompt("qa4", "The office is east of the garden.", "What is the garden west of?") == expected
+    assert build_prompt("qa4", "The office is east of the garden.", "What is the garden west of?",
+                        revision="2024-05-15") == expected
 
 
+def test_prompt_template_qa4():
+    """The benchmark's current template: the parts apart by blank lines, the context stripped."""
+    expected = (
+        "I will give you context with the facts about different people, their location and actions, hidden in "
+        "some random text and a question. You need to answer the question based only on the information from "
+        "the facts.\n\n"
+        "<example>\nThe hallway is south of the kitchen. The bedroom is north of the kitchen. "
+        "What is the kitchen south of?\nAnswer: bedroom\n</example>\n"
+        "<example>\nThe garden is west of the bedroom. The bedroom is west of the kitchen. "
+        "What is west of the bedroom?\nAnswer: garden\n</example>\n\n"
+        "Your answer should contain only one word - location. Do not write anything else after that.\n\n"
+        "<context>\nThe office is east of the garden.\n</context>\n\nQuestion: What is the garden west of?"
+    )
+    assert build_prompt("qa4", " The office is east of the garden.\n", "What is the garden west of?") == expected
+
+
+# (revision, how the prompt ends, the bare prompt): the first draft neither strips the context
+# nor puts a blank line before the question.
+_ENDINGS = {"2024-06-04": ("\n\n<context>\nCONTEXT TEXT\n</context>\n\nQuestion: QUESTION?",
+                           "<context>\nc\n</context>\n\nQuestion: q"),
+            "2024-05-15": ("\n<context>\n CONTEXT TEXT\n</context>\nQuestion: QUESTION?",
+                           "<context>\nc\n</context>\nQuestion: q")}
+
+
+@pytest.mark.parametrize("revision", sorted(_ENDINGS))
 @pytest.mark.parametrize("task", TASKS)
-def test_prompt_structure(task):
-    prompt = build_prompt(task, "CONTEXT TEXT", "QUESTION?")
-    assert prompt.endswith("\n<context>\nCONTEXT TEXT\n</context>\nQuestion: QUESTION?")
+def test_prompt_structure(task, revision):
+    ending, bare_expected = _ENDINGS[revision]
+    prompt = build_prompt(task, " CONTEXT TEXT", "QUESTION?", revision=revision)
+    assert prompt.endswith(ending)
     assert prompt.startswith("I ")
     assert "<example>" in prompt and "Answer:" in prompt
-    bare = build_prompt(task, "c", "q", use_instruction=False, use_examples=False, use_post_prompt=False)
-    assert bare == "<context>\nc\n</context>\nQuestion: q"
+    bare = build_prompt(task, "c", "q", use_instruction=False, use_examples=False, use_post_prompt=False,
+                        revision=revision)
+    assert bare == bare_expected
 
 
 # ---------------------------------------------------------------------------- generators
@@ -256,13 +289,21 @@ def test_harness_scores_resumes_and_averages(tmp_path):
 
 
 def test_averages_need_every_length():
+    """A mean is over one task set, complete at each length it covers. (Before, the 8k-64k average
+    here mixed qa1+qa2 at 8k with qa1 alone at 16k-64k: the wrong behaviour issue 15 names.)"""
     r = BabilongResults()
     r.cells = {("qa1", "8k"): Cell(1, 2), ("qa2", "8k"): Cell(2, 2), ("qa1", "16k"): Cell(0, 4),
                ("qa1", "32k"): Cell(4, 4), ("qa1", "64k"): Cell(1, 4)}
     assert r.length_mean("8k") == 75.0
-    assert r.average(["8k", "16k", "32k", "64k"]) == pytest.approx((75 + 0 + 100 + 25) / 4)
-    assert r.average(["8k", "16k", "32k", "64k", "128k"]) is None
-    assert "average 8k-128k: n/a" in r.table()
+    assert r.length_mean("16k") is None and r.missing("16k") == ["qa2"]
+    assert r.average(["8k", "16k", "32k", "64k"]) is None
+    assert r.average(["8k", "16k", "32k", "64k"], tasks=["qa1"]) == pytest.approx((50 + 0 + 100 + 25) / 4)
+    assert r.average(["8k", "16k", "32k", "64k", "128k"], tasks=["qa1"]) is None
+    assert "average 8k-128k (qa1,qa2): n/a" in r.table()
+    assert "* 16k: incomplete, mean over the tasks present (missing qa2)" in r.table()
+    summary = r.to_dict()
+    assert summary["per_length"]["16k"] == {"mean": 0.0, "complete": False, "missing": ["qa2"]}
+    assert summary["per_length"]["8k"] == {"mean": 75.0, "complete": True, "missing": []}
 
 
 # ------------------------------------------------------------------------------ HF models

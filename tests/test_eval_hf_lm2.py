@@ -273,3 +273,27 @@ def test_bos_adding_tokenizer_prompts_encode_as_in_training(exported, backends, 
     emitted = tok.encode(" moved to the") + [tok.bos] + tok.encode(" garden") + [tok.eod]
     megatron.generate_ids = lambda ids: list(emitted)
     assert megatron("any prompt") == hf.tokenizer.decode(emitted, skip_special_tokens=True) == " moved to the garden"
+
+
+def test_bos_on_gives_both_backends_the_same_ids(exported, backends):
+    """`--bos on` (the benchmark's input, for comparison) puts the same BOS id in front on both
+    backends; `auto` (how LM2 was trained) puts none."""
+    from megatron_lm2.eval.babilong_data import load_split
+    from megatron_lm2.eval.bos import resolve_bos
+    from megatron_lm2.eval.decode import HFGenerator, MegatronGenerator
+    from megatron_lm2.eval.prompts import build_prompt
+
+    _, _, data = exported
+    hf, mg = backends
+    record = load_split(str(data), "qa1", "0k", limit=1)[0]
+    prompt = build_prompt("qa1", record["input"], record["question"])
+    ids = mg.tokenizer.encode(prompt)
+    assert mg.tokenizer.bos is not None and hf.tokenizer.bos_token_id == mg.tokenizer.bos
+    assert resolve_bos("auto", lm2=True)[0] is False
+    assert HFGenerator(hf.model, hf.tokenizer).encode(prompt) == ids
+    assert HFGenerator(hf.model, hf.tokenizer, bos=True).encode(prompt) == [mg.tokenizer.bos] + ids
+    seen = []
+    megatron = MegatronGenerator(mg.model, mg.tokenizer, max_new_tokens=1, bos=True)
+    megatron.generate_ids = lambda prompt_ids: seen.append(list(prompt_ids)) or []
+    megatron(prompt)
+    assert seen == [[mg.tokenizer.bos] + ids]

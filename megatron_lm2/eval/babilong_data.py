@@ -56,27 +56,36 @@ def find_split(root: str, task: str, length: str) -> tuple[str, list[str]]:
     )
 
 
-def _read_json(path: str) -> list[dict]:
-    """A JSON array of records, a JSON object of columns (or {"data": [...]}), or JSON lines."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+def _read_json(path: str) -> tuple[list, list[str]]:
+    """(records, where each one is) from a JSON array of records, a JSON object of columns (or
+    {"data": [...]}), or JSON lines. Records are returned as parsed (validated by load_split)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     stripped = text.lstrip()
     if stripped.startswith(("[", "{")):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             if stripped.startswith("["):
-                raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+                raise DataError(f"{path}, line {exc.lineno}: invalid JSON: {exc.msg}") from exc
             obj = None  # several objects: JSON lines, read below
         if isinstance(obj, list):
-            return obj
+            return obj, [f"record {i}" for i in range(1, len(obj) + 1)]
         if isinstance(obj, dict):
             if all(isinstance(obj.get(k), list) for k in FIELDS):
-                return [dict(zip(FIELDS, row)) for row in zip(*(obj[k] for k in FIELDS))]
+                columns = [obj[k] for k in FIELDS]
+                if len({len(c) for c in columns}) > 1:
+                    raise DataError(f"{path}: columns {', '.join(FIELDS)} have different lengths "
+                                    f"({', '.join(str(len(c)) for c in columns)})")
+                rows = [dict(zip(FIELDS, row)) for row in zip(*columns)]
+                return rows, [f"record {i}" for i in range(1, len(rows) + 1)]
             if isinstance(obj.get("data"), list):
-                return obj["data"]
-            return [obj]
-    records = []
+                return obj["data"], [f"record {i}" for i in range(1, len(obj["data"]) + 1)]
+            return [obj], ["record 1"]
+    records, where = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -84,40 +93,68 @@ def _read_json(path: str) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}, line {number}: invalid JSON: {exc.msg}") from exc
-    return records
+        where.append(f"line {number}")
+    return records, where
 
 
-def _read_table(fmt: str, files: list[str]) -> list[dict]:
+def _read_table(fmt: str, files: list[str]) -> tuple[list, list[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows: list[dict] = []
+    where: list[str] = []
     for path in files:
-        if fmt == "parquet":
-            table = pq.read_table(path, columns=None)
-        else:  # datasets' save_to_disk writes Arrow IPC streams
-            with pa.memory_map(path) as source:
-                try:
-                    table = pa.ipc.open_stream(source).read_all()
-                except pa.ArrowInvalid:
-                    table = pa.ipc.open_file(source).read_all()
+        try:
+            if fmt == "parquet":
+                table = pq.read_table(path, columns=None)
+            else:  # datasets' save_to_disk writes Arrow IPC streams
+                with pa.memory_map(path) as source:
+                    try:
+                        table = pa.ipc.open_stream(source).read_all()
+                    except pa.ArrowInvalid:
+                        table = pa.ipc.open_file(source).read_all()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path}: cannot read it as {fmt}: {exc}") from exc
         missing = [k for k in FIELDS if k not in table.column_names]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; has {table.column_names}")
-        rows.extend(table.select(list(FIELDS)).to_pylist())
-    return rows
+        part = table.select(list(FIELDS)).to_pylist()
+        rows.extend(part)
+        where.extend(f"{os.path.basename(path)} row {i}" for i in range(1, len(part) + 1))
+    return rows, where
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+def validate_record(record, where: str) -> dict:
+    """{'input', 'question', 'target'} as strings, or DataError naming the record: a record must be
+    an object whose three fields are strings (a null or list target would be scored as the text
+    "None" or "['a', 'b']", which no answer can match)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: is {_kind(record)}, expected an object with fields {', '.join(FIELDS)}")
+    missing = [k for k in FIELDS if k not in record]
+    if missing:
+        raise DataError(f"{where}: lacks field(s) {', '.join(missing)}")
+    for k in FIELDS:
+        if not isinstance(record[k], str):
+            raise DataError(f"{where}: field {k!r} is {_kind(record[k])}, expected a string")
+    return {k: record[k] for k in FIELDS}
 
 
 def load_split(root: str, task: str, length: str, limit: int | None = None) -> list[dict]:
-    """The records of one task and length, each {'input', 'question', 'target'} (str)."""
+    """The records of one task and length, each {'input', 'question', 'target'} (str); a bad record
+    is a DataError naming the file and the record (counted from 1) or line."""
     fmt, files = find_split(root, task, length)
-    records = _read_json(files[0]) if fmt == "json" else _read_table(fmt, files)
+    records, where = _read_json(files[0]) if fmt == "json" else _read_table(fmt, files)
+    prefix = f"{files[0]}, " if fmt == "json" else f"{os.path.dirname(files[0])}/"
     out = []
-    for i, record in enumerate(records):
-        missing = [k for k in FIELDS if k not in record]
-        if missing:
-            raise DataError(f"{files[0]}: record {i} lacks field(s) {missing}")
-        out.append({k: str(record[k]) for k in FIELDS})
+    for record, place in zip(records, where):
+        out.append(validate_record(record, prefix + place))
         if limit is not None and len(out) >= limit:
             break
     return out

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from megatron_lm2.cli_errors import UserInputError
+
 
 @dataclass
 class Loaded:
@@ -44,9 +46,12 @@ def load_hf(path: str, dtype: str = "float32", device: str = "cpu", trust_remote
     # transformers 5 renamed from_pretrained's `torch_dtype` to `dtype`; 4.x passes an unknown
     # `dtype` on to the model's constructor.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(path, **{dtype_key: getattr(torch, dtype)},
-                                                 trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **{dtype_key: getattr(torch, dtype)},
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:  # a folder that is not a loadable model
+        raise UserInputError(f"--hf {path}: cannot load it: {exc}") from exc
     return Loaded("hf", model.to(device).eval(), tokenizer, model.config)
 
 

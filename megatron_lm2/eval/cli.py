@@ -1,11 +1,13 @@
 """lm2-eval: evaluate a checkpoint.
 
     lm2-eval babilong --hf DIR | --megatron CKPT [--tokenizer T]  --data ROOT  [--tasks ...]
+                      [--prompt-revision 2024-06-04] [--bos auto|on|off]
     lm2-eval mmlu     --hf DIR | --megatron CKPT [--tokenizer T]  --data ROOT  [--shots 5]
     lm2-eval inspect  --megatron CKPT [--tokenizer T] --text "..." --out DIR
     lm2-eval make-babilong --out ROOT [--tasks ...] [--lengths ...] [--samples N]
 
-docs/eval.md has the details and the data layouts.
+Bad input (a flag, a file, a record) ends with one line naming it and exit code 2; --debug or
+LM2_DEBUG=1 shows the traceback. docs/eval.md has the details and the data layouts.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
+from megatron_lm2.cli_args import ArgumentParser
+from megatron_lm2.cli_errors import UserInputError, cli_entry
 from megatron_lm2.eval.answers import TASKS
 from megatron_lm2.eval.babilong import LENGTHS
+from megatron_lm2.eval.bos import BOS_CHOICES
+from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_REVISIONS
 
 
 def _csv(text: str) -> list[str]:
@@ -35,12 +42,30 @@ def _add_model_flags(p: argparse.ArgumentParser, hf: bool = True) -> None:
                    help="HF backend: weights dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="HF backend: allow the folder's own code")
+    p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
+                   help="a BOS token before every prompt. auto (default) matches how the model was trained: off "
+                        "for LM2 (pretrained on documents with no BOS), the tokenizer's default for other HF models "
+                        "(as the benchmark's runner)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors (also LM2_DEBUG=1)")
 
 
 def _device(args) -> str:
     import torch
 
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_model_path(args) -> None:
+    """The model's path, checked before torch and the model code are imported (a wrong path then
+    costs no import time, and no library warnings come before the one error line)."""
+    hf = getattr(args, "hf", None)
+    if hf:
+        if not os.path.isdir(hf):
+            raise UserInputError(f"--hf {hf}: no such directory")
+        if not os.path.isfile(os.path.join(hf, "config.json")):
+            raise UserInputError(f"--hf {hf}: no config.json there (not a Hugging Face model folder)")
+    elif not os.path.isdir(args.megatron):
+        raise UserInputError(f"--megatron {args.megatron}: no such checkpoint directory")
 
 
 def _load(args):
@@ -57,6 +82,24 @@ def _load(args):
     return loaded
 
 
+def _is_lm2(loaded) -> bool:
+    return loaded.kind == "megatron" or getattr(loaded.config, "model_type", None) == "lm2"
+
+
+def _bos(args, loaded):
+    from megatron_lm2.eval.bos import resolve_bos
+
+    return resolve_bos(args.bos, _is_lm2(loaded))
+
+
+def _csv_of(flag: str, text: str, known: Sequence[str]) -> list[str]:
+    items = _csv(text)
+    unknown = [t for t in items if t not in known]
+    if not items or unknown:
+        raise UserInputError(f"{flag} {text!r}: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(known)}")
+    return items
+
+
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -66,16 +109,30 @@ def _write_json(path: str, obj) -> None:
 
 # --------------------------------------------------------------------------------- babilong
 def cmd_babilong(args) -> int:
-    from megatron_lm2.eval.babilong import run_babilong
+    from megatron_lm2.eval.babilong import protocol_header, run_babilong
+    from megatron_lm2.eval.babilong_data import load_split
+
+    tasks, lengths = _csv_of("--tasks", args.tasks, TASKS), _csv(args.lengths)
+    if not lengths:
+        raise UserInputError("--lengths: no length given")
+    for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens), ("--window", args.window)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{flag} {value}: must be at least 1")
+    for length in lengths:  # every cell's data is readable before the model is loaded
+        for task in tasks:
+            load_split(args.data, task, length, args.limit)
+    _check_model_path(args)
     from megatron_lm2.eval.decode import HFGenerator, MegatronGenerator
 
-    tasks, lengths = _csv(args.tasks), _csv(args.lengths)
     loaded = _load(args)
+    bos, bos_line = _bos(args, loaded)
     if loaded.kind == "hf":
-        generate = HFGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens)
+        generate = HFGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, bos=bos)
     else:
-        generate = MegatronGenerator(loaded.model, loaded.tokenizer, args.window, args.max_new_tokens)
-    results = run_babilong(generate, args.data, tasks, lengths, args.output, args.limit)
+        generate = MegatronGenerator(loaded.model, loaded.tokenizer, args.window, args.max_new_tokens, bos=bool(bos))
+    header = protocol_header(args.prompt_revision, bos_line, args.max_new_tokens)
+    results = run_babilong(generate, args.data, tasks, lengths, args.output, args.limit,
+                           revision=args.prompt_revision, header=header)
     print(results.table())
     if args.output:
         print(f"per-sample outputs and summary.json in {args.output}")
@@ -84,19 +141,39 @@ def cmd_babilong(args) -> int:
 
 # ------------------------------------------------------------------------------------- mmlu
 def cmd_mmlu(args) -> int:
-    from megatron_lm2.eval.mmlu import HFScorer, MegatronScorer, load_mmlu, score_mmlu
+    from megatron_lm2.eval.mmlu_data import load_mmlu
 
+    if args.shots < 0 or (args.limit is not None and args.limit < 1):
+        raise UserInputError(f"--shots {args.shots} / --limit {args.limit}: shots must be >= 0, limit >= 1")
     subjects = _csv(args.subjects) if args.subjects else None
     questions = load_mmlu(args.data, args.split, subjects)
     if args.limit:
         questions = questions[: args.limit]
+    if not questions:
+        raise UserInputError(f"--data {args.data}: no MMLU {args.split} questions"
+                             + (f" for --subjects {args.subjects}" if subjects else ""))
     dev = load_mmlu(args.data, "dev", subjects) if args.shots else []
+    _check_model_path(args)
+    from megatron_lm2.eval.mmlu import HFScorer, MegatronScorer, leading_special_ids, score_mmlu
+
     loaded = _load(args)
-    scorer = (HFScorer if loaded.kind == "hf" else MegatronScorer)(loaded.model, loaded.tokenizer)
-    result = score_mmlu(scorer, questions, args.format, dev, args.shots)
+    bos, bos_line = _bos(args, loaded)
+    if loaded.kind == "hf":
+        prefix = leading_special_ids(loaded.tokenizer) if bos is None else (
+            [loaded.tokenizer.bos_token_id] if bos else [])
+        if bos and loaded.tokenizer.bos_token_id is None:
+            raise UserInputError("--bos on: the tokenizer defines no BOS token")
+        scorer = HFScorer(loaded.model, loaded.tokenizer, prefix_ids=prefix)
+    else:
+        if bos and loaded.tokenizer.bos is None:
+            raise UserInputError("--bos on: the tokenizer defines no BOS token")
+        scorer = MegatronScorer(loaded.model, loaded.tokenizer, prefix_ids=[loaded.tokenizer.bos] if bos else [])
+    result = score_mmlu(scorer, questions, args.format, dev, args.shots, header={"bos": bos_line})
+    print("\n".join(f"{k}: {v}" for k, v in result.header.items()))
     print(f"MMLU ({args.format}, {args.shots}-shot, {result.total} questions): "
           f"accuracy {result.accuracy:.2f}  macro {result.macro_accuracy:.2f}"
-          + (f"  acc_norm {result.accuracy_norm:.2f}" if result.accuracy_norm is not None else ""))
+          + (f"  acc_norm {result.accuracy_norm:.2f}  acc_bytes {result.accuracy_bytes:.2f}"
+             if result.accuracy_norm is not None else ""))
     if args.output:
         _write_json(args.output, result.to_dict())
     return 0
@@ -104,6 +181,7 @@ def cmd_mmlu(args) -> int:
 
 # ---------------------------------------------------------------------------------- inspect
 def cmd_inspect(args) -> int:
+    _check_model_path(args)
     import torch
 
     from megatron_lm2.eval.inspect import inspect_memory, plot_gate_stats, plot_read_attention
@@ -116,7 +194,7 @@ def cmd_inspect(args) -> int:
         text = args.text
     ids = loaded.tokenizer.encode(text)[: args.max_tokens]
     if not ids:
-        raise SystemExit("lm2-eval inspect: the text encodes to no tokens")
+        raise UserInputError("--text/--text-file: the text encodes to no tokens")
     tokens = torch.tensor([ids], device=next(loaded.model.parameters()).device)
     from megatron_lm2.model import attention_mask
 
@@ -134,23 +212,30 @@ def cmd_inspect(args) -> int:
 
 # ---------------------------------------------------------------------------- make-babilong
 def cmd_make_babilong(args) -> int:
-    from megatron_lm2.eval.babilong_gen import count_words, write_dataset
+    from megatron_lm2.eval.babilong_gen import count_words, parse_length, write_dataset
 
+    tasks, lengths = _csv_of("--tasks", args.tasks, TASKS), _csv(args.lengths)
+    for length in lengths:
+        try:
+            parse_length(length)
+        except ValueError as exc:
+            raise UserInputError(f"--lengths {length!r}: {exc}") from exc
+    if args.samples < 1:
+        raise UserInputError(f"--samples {args.samples}: must be at least 1")
     count = count_words
     if args.tokenizer:
         from megatron_lm2.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
         count = lambda text: len(tok.encode(text))  # noqa: E731
-    files = write_dataset(args.out, _csv(args.tasks), _csv(args.lengths), args.samples, args.seed,
+    files = write_dataset(args.out, tasks, lengths, args.samples, args.seed,
                           count_tokens=count, filler_file=args.filler)
     print(f"wrote {len(files)} files under {args.out}/data/")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lm2-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="lm2-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("babilong", help="BABILong qa1-qa10 with the benchmark's prompts and answer rule")
@@ -163,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None,
                    help="Megatron backend: tokens per forward call (default: attention_window or seq_length)")
     p.add_argument("--output", default=None, help="directory for per-sample outputs and summary.json (resumable)")
+    p.add_argument("--prompt-revision", default=DEFAULT_REVISION, choices=PROMPT_REVISIONS,
+                   help=f"which revision of the benchmark's prompt texts (default {DEFAULT_REVISION}, its current "
+                        "one; 2024-05-15: its first draft, to compare with runs that used it)")
     p.set_defaults(func=cmd_babilong)
 
     p = sub.add_parser("mmlu", help="multiple choice by log-likelihood (paper Table 2)")
@@ -193,17 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="count lengths in this tokenizer's tokens (default: words)")
     p.add_argument("--filler", default=None, help="a text file whose sentences fill the context")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors (also LM2_DEBUG=1)")
     p.set_defaults(func=cmd_make_babilong)
     return parser
 
 
+@cli_entry("lm2-eval")
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Megatron-core warns at import that Apex / Transformer Engine are absent: nothing to act on
+    # for evaluation, and it would bury the one error line.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"lm2-eval {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

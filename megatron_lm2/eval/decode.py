@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.memory_state import carry_memory, load_memory_banks, memory_banks, memory_modules
 
 
@@ -29,27 +30,36 @@ class HFGenerator:
     """Greedy generation with a HF model and tokenizer (the model carries its own memory
     across its `generate` steps, if it has any).
 
-    add_special_tokens: whether the tokenizer may add its BOS (or other template tokens) to
-    the prompt. Default: not for an LM2 export, which was trained on documents encoded by
-    megatron_lm2.tokenizer (never any special token), so its prompts encode as the Megatron
-    backend's do; the tokenizer's own default for any other model.
+    bos (see `resolve_bos`): None lets the tokenizer add what it adds by default (its BOS or
+    other template tokens; the benchmark's runner does this, add_special_tokens=True); True puts
+    the tokenizer's BOS id in front of the bare encoding; False encodes the bare text. Default:
+    False for an LM2 export (trained on documents encoded by megatron_lm2.tokenizer, never any
+    special token, so its prompts encode as the Megatron backend's do); None for any other model.
+    `add_special_tokens` is the older spelling: True = bos None, False = bos False.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 20, add_special_tokens: Optional[bool] = None):
+    def __init__(self, model, tokenizer, max_new_tokens: int = 20, add_special_tokens: Optional[bool] = None,
+                 bos: Optional[bool] = "auto"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        if add_special_tokens is None:
-            add_special_tokens = getattr(model.config, "model_type", None) != "lm2"
-        self.add_special_tokens = add_special_tokens
+        if bos == "auto":
+            if add_special_tokens is None:
+                add_special_tokens = getattr(model.config, "model_type", None) != "lm2"
+            bos = None if add_special_tokens else False
+        if bos is True and tokenizer.bos_token_id is None:
+            raise UserInputError("--bos on: the tokenizer defines no BOS token")
+        self.bos = bos
+        self.add_special_tokens = bos is None
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=self.add_special_tokens)["input_ids"]
+        return ([self.tokenizer.bos_token_id] if self.bos else []) + list(ids)
 
     @torch.no_grad()
     def __call__(self, prompt: str) -> str:
-        encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=self.add_special_tokens)
-        input_ids = encoded["input_ids"].to(self.model.device)
-        attention_mask = encoded.get("attention_mask")
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.model.device)
+        input_ids = torch.tensor([self.encode(prompt)], device=self.model.device)
+        attention_mask = torch.ones_like(input_ids)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
@@ -79,10 +89,12 @@ class MegatronGenerator:
     tokenizer: anything with encode(str) -> list[int] and decode(list[int]) -> str (the
     project's megatron_lm2.tokenizer); eod: stop id (None: always max_new_tokens).
     window: tokens per forward call; defaults to config.attention_window or seq_length.
+    bos: put the tokenizer's BOS id in front of each prompt (default: no; megatron_lm2's
+    pretraining data has none, documents are only separated by eod).
     """
 
     def __init__(self, model, tokenizer=None, window: Optional[int] = None, max_new_tokens: int = 20,
-                 eod: Optional[int] = None):
+                 eod: Optional[int] = None, bos: bool = False):
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -92,15 +104,18 @@ class MegatronGenerator:
         config = model.config
         self.window = int(window or config.attention_window or config.seq_length)
         if self.window < 1:
-            raise ValueError(f"window={self.window} must be >= 1")
+            raise UserInputError(f"--window {self.window}: must be at least 1")
         self.max_new_tokens = max_new_tokens
         self.eod = eod if eod is not None else getattr(tokenizer, "eod", None)
+        self.bos = bos
+        if bos and getattr(tokenizer, "bos", None) is None:
+            raise UserInputError("--bos on: the tokenizer defines no BOS token")
         self.has_memory = bool(memory_modules(model))
         chunk = getattr(config, "memory_chunk_size", None)
         if self.has_memory and chunk and self.window % chunk:
             # Windows must end where memory chunks end, or a window's last partial chunk
             # would be written to the bank early (as if it were a whole chunk).
-            raise ValueError(f"window={self.window} (--window) is not a multiple of "
+            raise UserInputError(f"--window {self.window}: not a multiple of "
                              f"memory_chunk_size={chunk}")
 
     def _forward(self, ids: Sequence[int]) -> torch.Tensor:
@@ -189,7 +204,7 @@ class MegatronGenerator:
     def __call__(self, prompt: str) -> str:
         if self.tokenizer is None:
             raise ValueError("MegatronGenerator needs a tokenizer to decode text prompts")
-        ids = self.generate_ids(self.tokenizer.encode(prompt))
+        ids = self.generate_ids(([self.tokenizer.bos] if self.bos else []) + list(self.tokenizer.encode(prompt)))
         # Leave out the special tokens (the eod it stopped at, a bos or pad it emitted), as
         # HFGenerator's decode(skip_special_tokens=True) does.
         special = {self.eod, getattr(self.tokenizer, "bos", None), getattr(self.tokenizer, "pad", None)}

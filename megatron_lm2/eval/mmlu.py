@@ -3,21 +3,23 @@
     questions = load_mmlu(root, split="test")            # the usual layouts, see load_mmlu
     result = score_mmlu(scorer, questions, shots=dev)    # scorer: HFScorer or MegatronScorer
 
-Two prompt formats (`fmt`):
-  letters  the original MMLU protocol (Hendrycks et al.): the question, the four choices as
-           "A. ...", then "Answer:"; the model picks the letter " A"/" B"/" C"/" D" with the
-           highest log-likelihood. Few-shot examples come from the dev split of the subject.
-  cloze    "Question: ...\nAnswer:" and each choice's own text as the continuation; reports
-           accuracy on the summed log-likelihood and on the per-character one ("acc_norm").
-Accuracy is the mean over questions ("micro"), and the mean of per-subject accuracies
-("macro") is reported beside it.
+Two prompt formats (`fmt`), both as lm-evaluation-harness's `mmlu` tasks build them:
+  letters  lm-eval's `mmlu` (default/): "The following are multiple choice questions (with
+           answers) about {subject}.\n\n", the question, the four choices as "A. ...", then
+           "Answer:"; the model picks the letter " A"/" B"/" C"/" D" of highest log-likelihood.
+  cloze    lm-eval's `mmlu_continuation`: "The following are questions (with answers) about
+           {subject}.\n\n", "Question: ...\nAnswer:" and each choice's own text (after a space)
+           as the continuation. Reports accuracy on the summed log-likelihood ("acc"), on it
+           divided by the choice's length in characters ("acc_norm", lm-eval's own definition:
+           len() of the choice text, without the space before it), and divided by its UTF-8
+           bytes ("acc_bytes", lm-eval's byte-length normalisation).
+Few-shot examples are the first k of the subject's dev split, each followed by its answer and a
+blank line. Accuracy is the mean over questions ("micro", lm-eval's weight_by_size), and the
+mean of per-subject accuracies ("macro") is reported beside it.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -26,102 +28,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_lm2.cli_errors import UserInputError
-
-LETTERS = ("A", "B", "C", "D")
-
-
-class MMLUDataError(UserInputError):
-    pass
-
-
-@dataclass(frozen=True)
-class Question:
-    subject: str
-    question: str
-    choices: tuple[str, ...]
-    answer: int  # index into choices
-
-
-def _answer_index(value, where: str, n: int) -> int:
-    if isinstance(value, str):
-        v = value.strip()
-        if v.upper() in LETTERS[:n]:
-            return LETTERS.index(v.upper())
-        if v.isdigit():
-            value = int(v)
-        else:
-            raise MMLUDataError(f"{where}: answer {value!r} is neither a letter A-{LETTERS[n - 1]} nor an index")
-    index = int(value)
-    if not 0 <= index < n:
-        raise MMLUDataError(f"{where}: answer index {index} outside 0..{n - 1}")
-    return index
-
-
-def _read_csv(path: str, subject: str) -> list[Question]:
-    """The original release: no header; question, A, B, C, D, answer letter."""
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row:
-                continue
-            if line_no == 1 and [c.strip().lower() for c in row[:2]] == ["question", "a"]:
-                continue  # a header some copies add
-            if len(row) < 6:
-                raise MMLUDataError(f"{path}, line {line_no}: expected 6 columns, got {len(row)}")
-            out.append(Question(subject, row[0], tuple(row[1:5]), _answer_index(row[5], f"{path}, line {line_no}", 4)))
-    return out
-
-
-def _read_parquet(path: str, default_subject: str) -> list[Question]:
-    """The hub layout (cais/mmlu): columns question, subject, choices (list), answer (int)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    missing = [c for c in ("question", "choices", "answer") if c not in table.column_names]
-    if missing:
-        raise MMLUDataError(f"{path}: missing column(s) {missing}; has {table.column_names}")
-    out = []
-    for i, row in enumerate(table.to_pylist()):
-        choices = tuple(row["choices"])
-        out.append(Question(row.get("subject") or default_subject, row["question"], choices,
-                            _answer_index(row["answer"], f"{path}, row {i}", len(choices))))
-    return out
-
-
-def load_mmlu(root: str, split: str = "test", subjects: Optional[Sequence[str]] = None) -> list[Question]:
-    """Questions of one split. Layouts under root (first match wins):
-        {split}/{subject}_{split}.csv, data/{split}/{subject}_{split}.csv   (original tarball)
-        {subject}/{split}-*.parquet, all/{split}-*.parquet                   (hub parquet)
-    """
-    if not os.path.isdir(root):
-        raise MMLUDataError(f"MMLU data directory {root} does not exist")
-    esc = glob.escape(root)
-    for base in (os.path.join(esc, split), os.path.join(esc, "data", split)):
-        files = sorted(glob.glob(os.path.join(base, f"*_{split}.csv")))
-        if files:
-            questions = []
-            for path in files:
-                subject = os.path.basename(path)[: -len(f"_{split}.csv")]
-                if subjects is None or subject in subjects:
-                    questions.extend(_read_csv(path, subject))
-            return questions
-    files = sorted(glob.glob(os.path.join(esc, "*", f"{split}-*.parquet")))
-    per_subject = [f for f in files if os.path.basename(os.path.dirname(f)) not in ("all", "auxiliary_train")]
-    if per_subject:
-        questions = []
-        for path in per_subject:
-            subject = os.path.basename(os.path.dirname(path))
-            if subjects is None or subject in subjects:
-                questions.extend(_read_parquet(path, subject))
-        return questions
-    files = sorted(glob.glob(os.path.join(esc, "all", f"{split}-*.parquet")))
-    if files:
-        questions = [q for path in files for q in _read_parquet(path, "all")]
-        return [q for q in questions if subjects is None or q.subject in subjects]
-    raise MMLUDataError(
-        f"no MMLU {split} data under {root}: looked for {split}/*_{split}.csv, data/{split}/*_{split}.csv, "
-        f"*/{split}-*.parquet and all/{split}-*.parquet"
-    )
+from megatron_lm2.eval.mmlu_data import LETTERS, MMLUDataError, Question, load_mmlu  # noqa: F401
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -138,12 +45,17 @@ def format_question(q: Question, fmt: str, with_answer: bool = False) -> str:
     if fmt == "cloze":
         text = f"Question: {q.question.strip()}\nAnswer:"
         return text + (f" {q.choices[q.answer]}\n\n" if with_answer else "")
-    raise ValueError(f"unknown MMLU format {fmt!r}; expected 'letters' or 'cloze'")
+    raise UserInputError(f"--format {fmt!r}: expected 'letters' or 'cloze'")
+
+
+HEADERS = {"letters": "The following are multiple choice questions (with answers) about {subject}.\n\n",
+           "cloze": "The following are questions (with answers) about {subject}.\n\n"}
 
 
 def build_context(q: Question, fmt: str, shots: Sequence[Question] = ()) -> str:
-    header = (f"The following are multiple choice questions (with answers) about {_subject_title(q.subject)}.\n\n"
-              if fmt == "letters" else "")
+    if fmt not in HEADERS:
+        raise UserInputError(f"--format {fmt!r}: expected 'letters' or 'cloze'")
+    header = HEADERS[fmt].format(subject=_subject_title(q.subject))
     return header + "".join(format_question(s, fmt, True) for s in shots) + format_question(q, fmt)
 
 
@@ -164,6 +76,7 @@ def continuation_logprob(logits: torch.Tensor, ids: Sequence[int], n_context: in
 
 class _Scorer:
     max_length: int
+    prefix_ids: tuple = ()  # tokens in front of every context (a BOS: see bos.resolve_bos)
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -190,17 +103,26 @@ class _Scorer:
         ctx, cont = self.split_ids(context, continuation)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens")
-        ids = (ctx + cont)[-self.max_length:]
+        ids = (list(self.prefix_ids) + ctx + cont)[-self.max_length:]
         n_context = len(ids) - len(cont)
         if n_context < 1:
             raise ValueError("the continuation alone fills the model's context")
         return continuation_logprob(self.logits(ids), ids, n_context)
 
 
+def leading_special_ids(tokenizer) -> tuple:
+    """The ids an HF tokenizer puts in front of any text by default (its BOS, if it adds one)."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    cut = next((i for i in range(len(full)) if full[i:i + len(bare)] == bare), 0)
+    return tuple(full[:cut])
+
+
 class HFScorer(_Scorer):
-    def __init__(self, model, tokenizer, max_length: Optional[int] = None):
+    def __init__(self, model, tokenizer, max_length: Optional[int] = None, prefix_ids: Sequence[int] = ()):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+        self.prefix_ids = tuple(prefix_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -212,9 +134,10 @@ class HFScorer(_Scorer):
 
 
 class MegatronScorer(_Scorer):
-    def __init__(self, model, tokenizer, max_length: Optional[int] = None):
+    def __init__(self, model, tokenizer, max_length: Optional[int] = None, prefix_ids: Sequence[int] = ()):
         self.model, self.tokenizer = model, tokenizer
         self.max_length = max_length or model.config.seq_length
+        self.prefix_ids = tuple(prefix_ids)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -238,32 +161,37 @@ class MegatronScorer(_Scorer):
 class MMLUResult:
     accuracy: float  # micro, percent
     macro_accuracy: float
-    accuracy_norm: Optional[float]  # cloze only: per-character normalised
+    accuracy_norm: Optional[float]  # cloze only: lm-eval's acc_norm (per character of the choice)
     per_subject: dict
     total: int
+    accuracy_bytes: Optional[float] = None  # cloze only: lm-eval's acc_bytes (per UTF-8 byte)
+    header: dict = None  # the protocol: format, shots, normalisation, BOS
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 
 def score_mmlu(scorer: _Scorer, questions: Sequence[Question], fmt: str = "letters",
-               dev: Sequence[Question] = (), shots: int = 0, progress: bool = True) -> MMLUResult:
+               dev: Sequence[Question] = (), shots: int = 0, progress: bool = True,
+               header: Optional[dict] = None) -> MMLUResult:
     if not questions:
         raise MMLUDataError("no MMLU questions to score")
     dev_by_subject = defaultdict(list)
     for q in dev:
         dev_by_subject[q.subject].append(q)
-    hits, hits_norm = defaultdict(list), []
+    hits, hits_norm, hits_bytes = defaultdict(list), [], []
     for q in tqdm(questions, desc=f"mmlu ({fmt}, {shots}-shot)", disable=not progress):
         examples = dev_by_subject[q.subject][:shots]
         if len(examples) < shots:
             raise MMLUDataError(f"subject {q.subject}: {shots}-shot needs {shots} dev questions, has {len(examples)}")
         context = build_context(q, fmt, examples)
         scores = [scorer.loglikelihood(context, c) for c in continuations(q, fmt)]
-        hits[q.subject].append(max(range(len(scores)), key=scores.__getitem__) == q.answer)
-        if fmt == "cloze":
-            norm = [s / max(1, len(c)) for s, c in zip(scores, continuations(q, fmt))]
-            hits_norm.append(max(range(len(norm)), key=norm.__getitem__) == q.answer)
+        hits[q.subject].append(_argmax(scores) == q.answer)
+        if fmt == "cloze":  # lm-eval divides by the choice's own length (no leading space)
+            norm = [s / max(1, len(c)) for s, c in zip(scores, q.choices)]
+            per_byte = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, q.choices)]
+            hits_norm.append(_argmax(norm) == q.answer)
+            hits_bytes.append(_argmax(per_byte) == q.answer)
     all_hits = [h for hs in hits.values() for h in hs]
     per_subject = {s: 100.0 * sum(h) / len(h) for s, h in sorted(hits.items())}
     return MMLUResult(
@@ -272,7 +200,18 @@ def score_mmlu(scorer: _Scorer, questions: Sequence[Question], fmt: str = "lette
         accuracy_norm=100.0 * sum(hits_norm) / len(hits_norm) if hits_norm else None,
         per_subject=per_subject,
         total=len(all_hits),
+        accuracy_bytes=100.0 * sum(hits_bytes) / len(hits_bytes) if hits_bytes else None,
+        header={"format": fmt, "shots": shots, "shots_from": "the first k dev questions of the subject",
+                "scoring": "sum of the continuation's token log-likelihoods; argmax over the choices"
+                           + ("; acc_norm per character, acc_bytes per UTF-8 byte of the choice"
+                              if fmt == "cloze" else ""),
+                **(header or {})},
     )
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """The first index of the largest value (numpy's argmax, which lm-eval uses, on ties)."""
+    return max(range(len(values)), key=values.__getitem__)
 
 
 __all__ = ["Question", "load_mmlu", "score_mmlu", "HFScorer", "MegatronScorer", "build_context",
