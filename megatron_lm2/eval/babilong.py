@@ -34,9 +34,9 @@ from megatron_lm2.eval.prompts import DEFAULT_REVISION, build_prompt
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")
 TASK_SETS = {"qa1-qa5": TASKS[:5], "qa1-qa10": TASKS}
+AVERAGES = {"8k-64k": ("8k", "16k", "32k", "64k"), "8k-128k": ("8k", "16k", "32k", "64k", "128k")}
 BUCKETS = {"0K": ("0k",), "1K": ("1k",), "2K": ("2k",), "4K": ("4k",),
-           "8k-64k": ("8k", "16k", "32k", "64k"), "8k-128k": ("8k", "16k", "32k", "64k", "128k")}
-AVERAGES = {name: BUCKETS[name] for name in ("8k-64k", "8k-128k")}
+           **{f"8K+ ({name})": lengths for name, lengths in AVERAGES.items()}}
 
 
 @dataclass
