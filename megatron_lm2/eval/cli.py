@@ -19,12 +19,19 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from megatron_lm2.cli_args import ArgumentParser
-from megatron_lm2.cli_errors import UserInputError, cli_entry
+from megatron_lm2.cli_errors import USAGE_EXIT_CODE, UserInputError, cli_entry, one_line
 from megatron_lm2.eval.answers import TASKS
 from megatron_lm2.eval.babilong import LENGTHS
 from megatron_lm2.eval.bos import BOS_CHOICES
 from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_REVISIONS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag ends like any other bad input (cli_errors.py): one line, exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {one_line(message)} (see --help)\n")
+        sys.exit(USAGE_EXIT_CODE)
 
 
 def _csv(text: str) -> list[str]:
