@@ -63,6 +63,8 @@ CASES = [
     ("make-babilong length", {}, ["make-babilong", "--out", "gen", "--lengths", "4 kilo"], "--lengths '4 kilo'"),
     ("inspect model", {}, ["inspect", "--megatron", "nowhere", "--text", "hi", "--out", "o"],
      "--megatron nowhere: no such checkpoint directory"),
+    ("inspect text file", {}, ["inspect", "--megatron", "data", "--text-file", "story.txt", "--out", "o"],
+     "story.txt"),
 ]
 
 

@@ -189,16 +189,19 @@ def cmd_mmlu(args) -> int:
 # ---------------------------------------------------------------------------------- inspect
 def cmd_inspect(args) -> int:
     _check_model_path(args)
+    if args.text_file:
+        try:
+            with open(args.text_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise UserInputError(f"--text-file {args.text_file}: not UTF-8 text ({exc.reason})") from exc
+    else:
+        text = args.text
     import torch
 
     from megatron_lm2.eval.inspect import inspect_memory, plot_gate_stats, plot_read_attention
 
     loaded = _load(args)
-    if args.text_file:
-        with open(args.text_file, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = args.text
     ids = loaded.tokenizer.encode(text)[: args.max_tokens]
     if not ids:
         raise UserInputError("--text/--text-file: the text encodes to no tokens")
