@@ -407,3 +407,35 @@ def test_cli_errors_are_one_line_and_output_is_quiet(tmp_path):
                            str(tmp_path / "ok"), "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Transformer Engine" not in proc.stderr and "Apex" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_shard_writer_matches_megatron_core_builder(tmp_path, dtype):
+    """Our numpy .bin/.idx writer against megatron-core's IndexedDatasetBuilder, byte for byte."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_lm2.preprocess.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 60000, size=n) for n in [1, 5, 300, 2, 4000, 1]]
+    ours = ShardWriter(str(tmp_path / "a.bin"), dtype)
+    ours.add(np.concatenate(docs[:3]), np.array([len(d) for d in docs[:3]]))
+    ours.add(np.concatenate(docs[3:]), np.array([len(d) for d in docs[3:]]))
+    ours.finalize(str(tmp_path / "a.idx"), fsync=True)
+    theirs = IndexedDatasetBuilder(str(tmp_path / "b.bin"), dtype=dtype)
+    for d in docs:
+        theirs.add_document(d, [len(d)])
+    theirs.finalize(str(tmp_path / "b.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()
+
+
+def test_preprocessing_does_not_import_torch(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(3, 1)))
+    code = ("import sys; from megatron_lm2.preprocess.cli import main; "
+            f"main(['--input', {str(src)!r}, '--output', {str(tmp_path / 'o')!r}, '--no-progress', '--workers', '0']); "
+            "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,14 +50,6 @@ def write_json_atomic(path: Path, obj, fsync: bool = False) -> None:
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
-
-
-def fsync_file(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -102,16 +95,47 @@ def load_state(out_dir: Path, f: InputFile) -> FileState:
     return state
 
 
-def _indexed_dataset_builder():
-    """megatron.core's builder, imported on first use (seconds, and workers never need it).
-    Importing megatron.core pulls in its optimizer modules, which warn four times that
-    Transformer Engine and Apex are absent; nothing here uses either, so the warnings are noise."""
-    import warnings
+# Megatron-core's indexed dataset format (megatron/core/datasets/indexed_dataset.py, _IndexWriter),
+# written here with numpy so that preprocessing never imports megatron.core (and torch): seconds
+# of start-up and ~0.35 GiB of RSS per run, and no per-document Python loop for the pointers.
+# tests/test_preprocess.py checks the bytes against megatron-core's own IndexedDatasetBuilder.
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+                np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    return IndexedDatasetBuilder
+
+class ShardWriter:
+    """One ``.bin`` (documents' tokens, back to back) and its ``.idx``; one sequence per document."""
+
+    def __init__(self, bin_path: str, dtype):
+        self.dtype = np.dtype(dtype)
+        self.data_file = open(bin_path, "wb")
+        self.lengths: list[np.ndarray] = []
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        self.lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def finalize(self, idx_path: str, fsync: bool = False) -> None:
+        if fsync:
+            self.data_file.flush()
+            os.fsync(self.data_file.fileno())
+        self.data_file.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.empty(0, np.int64)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
+        with open(idx_path, "wb") as f:
+            f.write(_INDEX_HEADER)
+            f.write(struct.pack("<Q", 1))
+            f.write(struct.pack("<B", _DTYPE_CODES[self.dtype]))
+            f.write(struct.pack("<Q", len(lengths)))
+            f.write(struct.pack("<Q", len(lengths) + 1))
+            f.write(lengths.astype(np.int32).tobytes())
+            f.write(pointers.tobytes())
+            f.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
 
 
 class FileSharder:
@@ -126,7 +150,7 @@ class FileSharder:
         self.index = len(state.shards)
         self.start_row = state.next_row
         self.skips: list[tuple[int, str]] = []    # not yet attributed to a shard
-        self.builder = None  # megatron.core IndexedDatasetBuilder of the open shard
+        self.builder: ShardWriter | None = None  # the open shard
         self.tokens = 0
         self.documents = 0
         self.new_shards: list[dict] = []          # committed by this run
@@ -166,26 +190,18 @@ class FileSharder:
 
     def _append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         if self.builder is None:
-            IndexedDatasetBuilder = _indexed_dataset_builder()
-
             prefix = self.out_dir / shard_prefix(self.file, self.index)
             prefix.parent.mkdir(parents=True, exist_ok=True)
-            self.builder = IndexedDatasetBuilder(str(prefix) + ".bin.tmp", dtype=self.dtype.type)
-        # One write per contiguous run of documents instead of add_document per document; the
-        # lists are the builder's own index state, which finalize() turns into the .idx file.
-        self.builder.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        first = len(self.builder.sequence_lengths)
-        self.builder.sequence_lengths.extend(lengths.tolist())
-        self.builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
+            self.builder = ShardWriter(str(prefix) + ".bin.tmp", self.dtype)
+        # one write per contiguous run of documents, not one call per document
+        self.builder.add(tokens, lengths)
         self.tokens += int(lengths.sum())
         self.documents += len(lengths)
 
     def _close(self, end_row: int) -> None:
         prefix = self.out_dir / shard_prefix(self.file, self.index)
-        self.builder.finalize(str(prefix) + ".idx.tmp")
-        if self.fsync:  # the shard's bytes reach the disk before the rename and the record
-            fsync_file(str(prefix) + ".bin.tmp")
-            fsync_file(str(prefix) + ".idx.tmp")
+        # with fsync, the shard's bytes reach the disk before the rename and the record
+        self.builder.finalize(str(prefix) + ".idx.tmp", fsync=self.fsync)
         os.replace(str(prefix) + ".bin.tmp", str(prefix) + ".bin")
         os.replace(str(prefix) + ".idx.tmp", str(prefix) + ".idx")
         if self.fsync:
