@@ -39,7 +39,7 @@ class HFGenerator:
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 20, add_special_tokens: Optional[bool] = None,
-                 bos: Optional[bool] = "auto"):
+                 bos: "bool | None | str" = "auto"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
