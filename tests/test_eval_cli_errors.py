@@ -54,6 +54,7 @@ CASES = [
      "--tasks 'qa1,qa11': unknown qa11"),
     ("unknown prompt revision", {}, _babilong("data", "--prompt-revision", "2023"), "--prompt-revision"),
     ("bad --bos", {}, _babilong("data", "--bos", "maybe"), "--bos"),
+    ("bad --prompt-parts", {}, _babilong("data", "--prompt-parts", "examples,shots"), "--prompt-parts"),
     ("no model folder", {"qa1/0k.json": json.dumps([GOOD])}, _babilong("data"),
      "--hf no-model-here: no such directory"),
     ("bad --limit", {"qa1/0k.json": json.dumps([GOOD])}, _babilong("data", "--limit", "0"), "--limit 0"),

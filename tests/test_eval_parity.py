@@ -148,6 +148,25 @@ def test_run_writes_the_protocol_header_and_refuses_to_mix_protocols(tmp_path):
     assert again.cells == results.cells
 
 
+def test_prompt_parts_switch_off_as_the_benchmarks_runner_does():
+    from megatron_lm2.eval.babilong_gen import generate_sample
+    from megatron_lm2.eval.prompts import parse_prompt_parts
+
+    assert parse_prompt_parts("post_prompt,instruction") == ("instruction", "post_prompt")
+    assert parse_prompt_parts("none") == ()
+    with pytest.raises(UserInputError, match="--prompt-parts 'examples,shots'"):
+        parse_prompt_parts("examples,shots")
+    samples = [generate_sample("qa2", 0, i) for i in range(2)]
+    for parts in ((), ("instruction", "post_prompt")):
+        seen = []
+        results = run_babilong(lambda p: seen.append(p) or "x", "unused", ["qa2"], ["0k"], progress=False,
+                               loader=lambda *a: samples, prompt_parts=parts)
+        assert seen == [build_prompt("qa2", s["input"], s["question"], "instruction" in parts, "examples" in parts,
+                                     "post_prompt" in parts) for s in samples]
+        assert results.header["prompt_parts"].startswith(", ".join(parts) or "none")
+        assert results.header["shots"].startswith("none (0-shot")
+
+
 # ---------------------------------------------------------------------------------------- BOS
 def _byte_tokenizer_with_bos(template: bool):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.eval.answers import TASKS, is_correct
 from megatron_lm2.eval.babilong_data import DataError, load_split
-from megatron_lm2.eval.prompts import DEFAULT_REVISION, build_prompt
+from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_PARTS, build_prompt
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")
 TASK_SETS = {"qa1-qa5": TASKS[:5], "qa1-qa10": TASKS}
@@ -201,25 +201,30 @@ def _check_resume(output_dir: str, header: dict) -> None:
 
 
 def evaluate_cell(generate: Callable[[str], str], records: Sequence[dict], task: str,
-                  progress: bool = True, desc: str = "", revision: str = DEFAULT_REVISION) -> tuple[Cell, list[dict]]:
+                  progress: bool = True, desc: str = "", revision: str = DEFAULT_REVISION,
+                  prompt_parts: Sequence[str] = PROMPT_PARTS) -> tuple[Cell, list[dict]]:
     rows = []
+    use = {f"use_{part}": part in prompt_parts for part in PROMPT_PARTS}
     for record in tqdm(records, desc=desc or task, disable=not progress, leave=False):
-        prompt = build_prompt(task, record["input"], record["question"], revision=revision)
+        prompt = build_prompt(task, record["input"], record["question"], revision=revision, **use)
         output = generate(prompt)
         rows.append({"target": record["target"], "question": record["question"], "output": output,
                      "correct": is_correct(record["target"], output, record["question"], task)})
     return Cell(sum(r["correct"] for r in rows), len(rows)), rows
 
 
-def protocol_header(revision: str = DEFAULT_REVISION, bos: str = "off", max_new_tokens: int = 20) -> dict:
+def protocol_header(revision: str = DEFAULT_REVISION, bos: str = "off", max_new_tokens: int = 20,
+                    prompt_parts: Sequence[str] = PROMPT_PARTS) -> dict:
     """What a BABILong score depends on besides the model, as the report prints it."""
     from megatron_lm2.eval.prompts import revision_source
 
+    parts = ", ".join(prompt_parts) or "none (the bare context and question)"
     return {
         "prompt_revision": revision,
         "prompt_source": revision_source(revision),
-        "prompt_parts": "instruction + in-context examples + post-prompt (the benchmark's default)",
-        "shots": "the benchmark's in-context examples inside the prompt (2-3 per task); no other shots",
+        "prompt_parts": parts + (" (the benchmark's full config)" if tuple(prompt_parts) == PROMPT_PARTS else ""),
+        "shots": ("the benchmark's in-context examples inside the prompt (2-3 per task)" if "examples" in prompt_parts
+                  else "none (0-shot: the in-context examples are off)") + "; no other shots",
         "bos": bos,
         "decoding": f"greedy, {max_new_tokens} new tokens, no sampling, 1 beam",
         "answer_rule": "booydar/babilong metrics.py compare_answers (multi-object targets included)",
@@ -237,11 +242,12 @@ def run_babilong(
     loader: Callable[[str, str, str, Optional[int]], list] = load_split,
     revision: str = DEFAULT_REVISION,
     header: Optional[dict] = None,
+    prompt_parts: Sequence[str] = PROMPT_PARTS,
 ) -> BabilongResults:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserInputError(f"--tasks: unknown task(s) {unknown}; the harness covers {', '.join(TASKS)}")
-    header = dict(header) if header is not None else protocol_header(revision)
+    header = dict(header) if header is not None else protocol_header(revision, prompt_parts=prompt_parts)
     if header.get("prompt_revision", revision) != revision:
         raise ValueError(f"header names prompt revision {header['prompt_revision']!r}, the run uses {revision!r}")
     results = BabilongResults(tasks=tuple(tasks), header=header)
@@ -255,7 +261,8 @@ def run_babilong(
                 results.cells[(task, length)] = _read_cell(path)  # resume: the cell is done
                 continue
             records = loader(data_root, task, length, limit)
-            cell, rows = evaluate_cell(generate, records, task, progress, desc=f"{task} {length}", revision=revision)
+            cell, rows = evaluate_cell(generate, records, task, progress, desc=f"{task} {length}", revision=revision,
+                                       prompt_parts=prompt_parts)
             results.cells[(task, length)] = cell
             if path:
                 _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -23,7 +23,7 @@ from megatron_lm2.cli_errors import USAGE_EXIT_CODE, UserInputError, cli_entry, 
 from megatron_lm2.eval.answers import TASKS
 from megatron_lm2.eval.babilong import LENGTHS
 from megatron_lm2.eval.bos import BOS_CHOICES
-from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_REVISIONS
+from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_PARTS, PROMPT_REVISIONS, parse_prompt_parts
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -120,6 +120,7 @@ def cmd_babilong(args) -> int:
     from megatron_lm2.eval.babilong_data import load_split
 
     tasks, lengths = _csv_of("--tasks", args.tasks, TASKS), _csv(args.lengths)
+    prompt_parts = parse_prompt_parts(args.prompt_parts)
     if not lengths:
         raise UserInputError("--lengths: no length given")
     for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens), ("--window", args.window)):
@@ -137,9 +138,9 @@ def cmd_babilong(args) -> int:
         generate = HFGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, bos=bos)
     else:
         generate = MegatronGenerator(loaded.model, loaded.tokenizer, args.window, args.max_new_tokens, bos=bool(bos))
-    header = protocol_header(args.prompt_revision, bos_line, args.max_new_tokens)
+    header = protocol_header(args.prompt_revision, bos_line, args.max_new_tokens, prompt_parts)
     results = run_babilong(generate, args.data, tasks, lengths, args.output, args.limit,
-                           revision=args.prompt_revision, header=header)
+                           revision=args.prompt_revision, header=header, prompt_parts=prompt_parts)
     print(results.table())
     if args.output:
         print(f"per-sample outputs and summary.json in {args.output}")
@@ -261,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-revision", default=DEFAULT_REVISION, choices=PROMPT_REVISIONS,
                    help=f"which revision of the benchmark's prompt texts (default {DEFAULT_REVISION}, its current "
                         "one; 2024-05-15: its first draft, to compare with runs that used it)")
+    p.add_argument("--prompt-parts", default=",".join(PROMPT_PARTS),
+                   help="which parts of the benchmark's prompt to use, as its runner's --use_instruction / "
+                        "--use_examples / --use_post_prompt: a comma list of " + ", ".join(PROMPT_PARTS)
+                        + " (default: all), or none")
     p.set_defaults(func=cmd_babilong)
 
     p = sub.add_parser("mmlu", help="multiple choice by log-likelihood (paper Table 2)")

@@ -17,6 +17,19 @@ from megatron_lm2.eval.babilong_prompt_texts import REVISIONS, SOURCE
 
 DEFAULT_REVISION = "2024-06-04"
 PROMPT_REVISIONS = tuple(REVISIONS)
+PROMPT_PARTS = ("instruction", "examples", "post_prompt")  # all on: the benchmark runner's full config
+
+
+def parse_prompt_parts(text: str) -> tuple[str, ...]:
+    """--prompt-parts: a comma list of PROMPT_PARTS, or 'none' (the bare context and question)."""
+    if text.strip() == "none":
+        return ()
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PROMPT_PARTS]
+    if unknown or not parts:
+        raise UserInputError(f"--prompt-parts {text!r}: expected a comma list of {', '.join(PROMPT_PARTS)}, "
+                             f"or none")
+    return tuple(p for p in PROMPT_PARTS if p in parts)
 
 
 @dataclass(frozen=True)
