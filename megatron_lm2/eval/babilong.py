@@ -182,8 +182,9 @@ def _read_cell(path: str) -> Cell:
     return Cell(correct, total)
 
 
-def _check_resume(output_dir: str, header: dict) -> None:
-    """Refuse to mix cells made under another protocol into one report."""
+def check_output_dir(output_dir: str, header: dict) -> None:
+    """Refuse to mix cells made under another protocol into one report; record this run's."""
+    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "run.json")
     if os.path.exists(path):
         try:
@@ -253,7 +254,7 @@ def run_babilong(
     results = BabilongResults(tasks=tuple(tasks), header=header)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        _check_resume(output_dir, header)
+        check_output_dir(output_dir, header)
     for length in lengths:
         for task in tasks:
             path = os.path.join(output_dir, f"{task}_{length}.jsonl") if output_dir else None

@@ -89,14 +89,23 @@ def _load(args):
     return loaded
 
 
-def _is_lm2(loaded) -> bool:
-    return loaded.kind == "megatron" or getattr(loaded.config, "model_type", None) == "lm2"
+def _is_lm2(args) -> bool:
+    """A Megatron checkpoint of this project, or an HF folder whose config says model_type lm2
+    (read from config.json, before anything is loaded)."""
+    if not getattr(args, "hf", None):
+        return True
+    path = os.path.join(args.hf, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type") == "lm2"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise UserInputError(f"--hf {args.hf}: {path} is not a JSON object ({exc})") from exc
 
 
-def _bos(args, loaded):
+def _bos(args):
     from megatron_lm2.eval.bos import resolve_bos
 
-    return resolve_bos(args.bos, _is_lm2(loaded))
+    return resolve_bos(args.bos, _is_lm2(args))
 
 
 def _csv_of(flag: str, text: str, known: Sequence[str]) -> list[str]:
@@ -116,7 +125,7 @@ def _write_json(path: str, obj) -> None:
 
 # --------------------------------------------------------------------------------- babilong
 def cmd_babilong(args) -> int:
-    from megatron_lm2.eval.babilong import protocol_header, run_babilong
+    from megatron_lm2.eval.babilong import check_output_dir, protocol_header, run_babilong
     from megatron_lm2.eval.babilong_data import load_split
 
     tasks, lengths = _csv_of("--tasks", args.tasks, TASKS), _csv(args.lengths)
@@ -130,15 +139,17 @@ def cmd_babilong(args) -> int:
         for task in tasks:
             load_split(args.data, task, length, args.limit)
     _check_model_path(args)
+    bos, bos_line = _bos(args)
+    header = protocol_header(args.prompt_revision, bos_line, args.max_new_tokens, prompt_parts)
+    if args.output:  # a protocol clash with earlier cells is found before the model is loaded
+        check_output_dir(args.output, header)
     from megatron_lm2.eval.decode import HFGenerator, MegatronGenerator
 
     loaded = _load(args)
-    bos, bos_line = _bos(args, loaded)
     if loaded.kind == "hf":
         generate = HFGenerator(loaded.model, loaded.tokenizer, args.max_new_tokens, bos=bos)
     else:
         generate = MegatronGenerator(loaded.model, loaded.tokenizer, args.window, args.max_new_tokens, bos=bool(bos))
-    header = protocol_header(args.prompt_revision, bos_line, args.max_new_tokens, prompt_parts)
     results = run_babilong(generate, args.data, tasks, lengths, args.output, args.limit,
                            revision=args.prompt_revision, header=header, prompt_parts=prompt_parts)
     print(results.table())
@@ -162,10 +173,10 @@ def cmd_mmlu(args) -> int:
                              + (f" for --subjects {args.subjects}" if subjects else ""))
     dev = load_mmlu(args.data, "dev", subjects) if args.shots else []
     _check_model_path(args)
+    bos, bos_line = _bos(args)
     from megatron_lm2.eval.mmlu import HFScorer, MegatronScorer, leading_special_ids, score_mmlu
 
     loaded = _load(args)
-    bos, bos_line = _bos(args, loaded)
     if loaded.kind == "hf":
         prefix = leading_special_ids(loaded.tokenizer) if bos is None else (
             [loaded.tokenizer.bos_token_id] if bos else [])
