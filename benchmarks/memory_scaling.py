@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=1, help="mqar: key-value pairs in chunk 0")
     p.add_argument("--hops", type=int, default=1, help="persist: the question's chunk index k")
     p.add_argument("--models", default="lm2", help="comma list of lm2, vanilla")
-    p.add_argument("--write", default="attention", choices=WRITE_MODES)
+    p.add_argument("--write", default="attention", help=f"one of {', '.join(WRITE_MODES)} (--init-only: a comma list)")
     p.add_argument("--tau-read", type=float, default=10.0, help="qknorm: initial read logit scale")
     p.add_argument("--tau-write", type=float, default=10.0, help="qknorm: initial write logit scale")
     p.add_argument("--seeds", default="0")
@@ -78,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", default=RESULTS)
     p.add_argument("--report", action="store_true", help="only write the table and the plots")
+    p.add_argument("--init-only", default=None, metavar="C,C,...",
+                   help="diagnose at initialisation only (no training) for these chunk sizes, every "
+                        "--write mode given as a comma list; appends to --init-results")
+    p.add_argument("--init-results", default="benchmarks/memory_scaling_init.jsonl")
     p.add_argument("--report-md", default="benchmarks/memory_scaling_table.md")
     p.add_argument("--plot-prefix", default="benchmarks/memory_scaling")
     return p.parse_args(argv)
@@ -255,6 +259,39 @@ def memory_diagnostics(model, batch: TaskBatch, mask) -> dict:
     return out
 
 
+def diagnose_at_init(args) -> None:
+    """One forward/backward per (C, write) at initialisation: gradient norms, write/read entropy,
+    the write's weight on the fact tokens, gates. Cheap enough for C up to the recipe's 1024."""
+    from megatron_lm2.model import attention_mask
+
+    done = {(r["chunk"], r["slots"], r["write"], r.get("tau_write"), r["seed"])
+            for r in load_runs(args.init_results)}
+    for chunk in (int(c) for c in args.init_only.split(",")):
+        for write in args.write.split(","):
+            qk = write.startswith("qknorm")
+            cfg = dict(task=args.task, chunk=chunk, slots=resolve_slots(args.slots, chunk), pairs=args.pairs,
+                       hops=args.hops, model="lm2", write=write, tau_read=args.tau_read if qk else None,
+                       tau_write=args.tau_write if qk else None)
+            for seed in (int(s) for s in args.seeds.split(",")):
+                if (chunk, cfg["slots"], write, cfg["tau_write"], seed) in done:
+                    continue
+                t0 = time.time()
+                model, spec = build(cfg, seed)
+                mask = attention_mask(spec.seq_length, spec.chunk)
+                batch = make_batch(spec, args.batch_size, 10_000 + seed)
+                diag = memory_diagnostics(model, batch, mask)
+                loss = (_forward_loss(model, batch, mask) * batch.loss_mask).sum() / batch.loss_mask.sum()
+                loss.backward()
+                run = dict(cfg, seed=seed, batch_size=args.batch_size, loss=float(loss), grad_norm=grad_norms(model),
+                           diagnostics=diag, seconds=time.time() - t0, commit=_commit(),
+                           machine=f"{platform.machine()}, torch {torch.__version__}")
+                append_run(args.init_results, run)
+                print(f"[init] C={chunk} N={cfg['slots']} {write} seed {seed}: q grad "
+                      f"{_mean_over_layers(run['grad_norm'], '.linear_q'):.2e}, write entropy "
+                      f"{_mean_over_layers(diag, '.write_entropy'):.4f}, fact weight max "
+                      f"{_mean_over_layers(diag, '.write_fact_max'):.4f} ({run['seconds']:.0f}s)", flush=True)
+
+
 def steps_to(curve, level: float):
     for step, acc in curve:
         if acc >= level:
@@ -430,7 +467,7 @@ def report_text(runs: list[dict]) -> str:
                 continue
             acc = dict(r["curve"])
             diags = r["diagnostics"]
-            picks = sorted({0, len(diags) // 2, len(diags) - 1})
+            picks = sorted(set(range(0, len(diags), 4)) | {len(diags) - 1})  # every 4th eval
             for i in picks:
                 d = diags[i]
                 g = d.get("grad_norm", {})
@@ -455,6 +492,37 @@ def report_text(runs: list[dict]) -> str:
     dates = sorted(r.get("started", "?") for r in runs)
     lines += ["", f"machine: {'; '.join(machines)}; commits: {', '.join(commits)}; "
               f"runs started {dates[0]} .. {dates[-1]}"]
+    return "\n".join(lines)
+
+
+def init_report_text(runs: list[dict]) -> str:
+    """Median over seeds of the at-initialisation diagnostics, per (C, N, write)."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["chunk"], r["slots"], _label({**r, "model": "lm2"})), []).append(r)
+    lines = ["| C | N | write | seeds | grad linear_q | grad linear_kv | grad gates (in, forget) | grad out_gate | "
+             "grad proj | write entropy | fact weight, best slot (uniform 2/C) | read entropy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups):
+        rs = groups[key]
+
+        def med(get):
+            vals = [get(r) for r in rs]
+            vals = [v for v in vals if v is not None]
+            return statistics.median(vals) if vals else None
+
+        def g(name):
+            v = med(lambda r: _mean_over_layers(r["grad_norm"], "." + name))
+            return f"{v:.1e}" if v is not None else "-"
+
+        def d(name, fmt):
+            v = med(lambda r: _mean_over_layers(r["diagnostics"], "." + name))
+            return fmt.format(v) if v is not None else "-"
+
+        gates = g("linear_gates") if g("linear_gates") != "-" else f"{g('linear_in_gate')}, {g('linear_forget_gate')}"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(rs)} | {g('linear_q')} | {g('linear_kv')} | {gates} | "
+                     f"{g('linear_out_gate')} | {g('linear_proj')} | {d('write_entropy', '{:.4f}')} | "
+                     f"{d('write_fact_max', '{:.4f}')} ({2 / key[0]:.4f}) | {d('read_entropy', '{:.4f}')} |")
     return "\n".join(lines)
 
 
@@ -533,6 +601,10 @@ def report(args) -> int:
         print(f"no runs in {args.results}", file=sys.stderr)
         return 1
     text = report_text(runs)
+    init_runs = load_runs(args.init_results)
+    if init_runs:
+        text += "\n\nAt initialisation (one batch of " + f"{init_runs[0]['batch_size']}" + ", --init-only; mean over the " \
+                "4 memory layers, median over seeds):\n\n" + init_report_text(init_runs)
     tmp = args.report_md + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text + "\n")
@@ -545,6 +617,10 @@ def report(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    bad = [w for w in args.write.split(",") if w not in WRITE_MODES]
+    if bad or ("," in args.write and not args.init_only):
+        raise SystemExit(f"--write {args.write}: expected one of {', '.join(WRITE_MODES)}"
+                         + (" (a comma list only with --init-only)" if not bad else ""))
     if args.report:
         return report(args)
     torch.set_num_threads(args.threads)
@@ -556,6 +632,11 @@ def main(argv=None) -> int:
         distributed.initialize(seed=0)
     meta = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                 f"{args.threads} thread(s)", commit=_commit())
+    if args.init_only:
+        diagnose_at_init(args)
+        if own_world:
+            distributed.destroy()
+        return 0
     done = {run_key(r) for r in load_runs(args.results)}
     for model_kind in args.models.split(","):
         base = dict(task=args.task, chunk=args.chunk, slots=resolve_slots(args.slots, args.chunk),
