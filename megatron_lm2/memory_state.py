@@ -16,7 +16,7 @@ Banks are keyed by global layer number; each value is this rank's shard [B, N, d
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Iterator, Union
+from typing import Dict, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -104,8 +104,34 @@ def bank_shapes(model: Models, batch_size: int = 1) -> Dict[int, tuple]:
     }
 
 
+def set_gate_recording(model: Models, enabled: Optional[bool]) -> None:
+    """True: every forward records gate means; False: none does; None (default): eval-mode
+    forwards only. Training forwards that record nothing store nothing (graph-safe)."""
+    for module in memory_modules(model).values():
+        module.record_gates = enabled
+        if enabled is False:
+            module.gate_stats = {}
+
+
+@contextlib.contextmanager
+def record_gate_stats(model: Models) -> Iterator[None]:
+    """The forwards inside the block record their gate means (the trainer wraps the steps it
+    logs); gate_stats() reads them afterwards."""
+    modules = memory_modules(model)
+    previous = {n: m.record_gates for n, m in modules.items()}
+    for module in modules.values():
+        module.gate_stats = {}
+        module.record_gates = True
+    try:
+        yield
+    finally:
+        for n, module in modules.items():
+            module.record_gates = previous[n]
+
+
 def gate_stats(model: Models) -> Dict[int, Dict[str, float]]:
-    """Mean input / forget / output gate per memory layer over its last forward."""
+    """Mean input / forget / output gate per memory layer over its last recorded forward
+    (see record_gate_stats); {} for layers that recorded none."""
     return {
         n: {k: float(v) for k, v in m.gate_stats.items()}
         for n, m in memory_modules(model).items()

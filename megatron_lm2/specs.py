@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_lm2.config import LM2Config
+from megatron_lm2.config import ConfigError, LM2Config
 from megatron_lm2.layer import LM2TransformerLayer, LM2TransformerLayerSubmodules
 from megatron_lm2.memory import LM2Memory, LM2MemorySubmodules
 
@@ -64,6 +64,7 @@ def _memory_spec(column, row) -> ModuleSpec:
             linear_in_gate=column,
             linear_forget_gate=column,
             linear_proj=row,
+            linear_gates=column,
         ),
     )
 
@@ -116,6 +117,14 @@ def get_lm2_block_spec(
     `config.memory_layers` says, Megatron's GPT layer elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown transformer backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "te" and config.attention_window is not None and config.attention_window < config.seq_length:
+        # Megatron's TE spec builds self-attention as plain causal and ignores the mask the
+        # window needs: the window would silently vanish on GPUs.
+        raise ConfigError(
+            f"attention_window={config.attention_window} needs the 'local' transformer spec "
+            f"(--transformer-impl local): the Transformer Engine spec's attention is causal "
+            f"over the whole sequence and would ignore the window"
+        )
     plain = get_gpt_layer_spec(config, backend)
     memory = (
         (get_lm2_layer_local_spec if backend == "local" else get_lm2_layer_te_spec)(config)

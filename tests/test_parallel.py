@@ -139,6 +139,18 @@ def reference(initial_weights):
     return result
 
 
+def _full(name, parts):
+    """The TP=1 tensor from each TP rank's shard {rank: (grad, partition_dim)}."""
+    shards = [parts[k][0] for k in sorted(parts)]
+    dim = parts[0][1]
+    if dim < 0:
+        return shards[0]
+    if name.endswith("linear_gates.weight"):  # per rank [in rows; forget rows] (memory.py)
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=dim)
+
+
 def _combine(results):
     """Reassemble per-parameter gradient norms and full memory gradients from all ranks."""
     losses = next(r["losses"] for r in results if r["losses"])
@@ -155,12 +167,7 @@ def _combine(results):
             for name, (grad, dim) in r["memory_grads"][step].items():
                 parts.setdefault(name, {})[r["tp_rank"]] = (grad, dim)
         grad_norms.append({n: v**0.5 for n, v in sq.items()})
-        memory.append(
-            {
-                n: torch.cat([p[k][0] for k in sorted(p)], dim=p[0][1]) if p[0][1] >= 0 else p[0][0]
-                for n, p in parts.items()
-            }
-        )
+        memory.append({n: _full(n, p) for n, p in parts.items()})
     return losses, grad_norms, memory
 
 
@@ -236,7 +243,7 @@ def test_memory_sequence_parallel_equals_tp1():
     assert ((output - ref["output"]).norm() / ref["output"].norm()) < 1e-6
     assert ((token_grad - ref["token_grad"]).norm() / ref["token_grad"].norm()) < 1e-6
     for name, (grad, dim) in ref["grads"].items():
-        full = torch.cat([r["grads"][name][0] for r in results], dim=results[0]["grads"][name][1])
+        full = _full(name, {r["rank"]: r["grads"][name] for r in results})
         assert ((full - grad).norm() / grad.norm()) < 1e-6, name
 
 
