@@ -77,6 +77,10 @@ def parse_args(argv=None):
                         "the curve is then padded with the last value)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", default=RESULTS)
+    p.add_argument("--ckpt-dir", default="benchmarks/memory_scaling_ckpt",
+                   help="a running config saves model/optimizer/data state here every --ckpt-every evals and a "
+                        "rerun continues from it ('' = off); deleted once the run is in --results")
+    p.add_argument("--ckpt-every", type=int, default=2, help="evals between checkpoints")
     p.add_argument("--report", action="store_true", help="only write the table and the plots")
     p.add_argument("--init-only", default=None, metavar="C,C,...",
                    help="diagnose at initialisation only (no training) for these chunk sizes, every "
@@ -313,7 +317,25 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
     eval_seconds, train_seconds = 0.0, 0.0
     label = f"{cfg_args['model']} {cfg_args['write']} {spec.name} C={spec.chunk} N={cfg_args['slots']} seed {seed}"
     stopped = None
-    for step in range(args.steps + 1):
+    ckpt = checkpoint_path(args, {**cfg_args, "seed": seed})
+    first = 0
+    if ckpt and os.path.exists(ckpt):
+        # An interrupted run continues exactly where its last checkpoint left it.
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        data.set_state(state["data"])
+        first, curve, losses, diagnostics = state["step"], state["curve"], state["losses"], state["diagnostics"]
+        eval_seconds, train_seconds = state["eval_seconds"], state["train_seconds"]
+        t0 -= state["seconds"]
+        print(f"[{label}] resumed at step {first} from {ckpt}", flush=True)
+    for step in range(first, args.steps + 1):
+        if ckpt and step > first and step % (args.eval_every * args.ckpt_every) == 0:
+            _save_checkpoint(ckpt, dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                data=data.get_state(), step=step, curve=curve, losses=losses, diagnostics=diagnostics,
+                eval_seconds=eval_seconds, train_seconds=train_seconds, seconds=time.time() - t0))
         batch = make_batch(spec, args.batch_size, data) if step < args.steps else None
         if step % args.eval_every == 0 or step == args.steps:
             te = time.time()
@@ -350,6 +372,24 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
     if memory_modules(model):
         run["without_facts_accuracy"] = accuracy(model, without_facts(spec, held_out, EVAL_SEED + 1), mask)
     return run
+
+
+def checkpoint_path(args, cfg: dict):
+    if not args.ckpt_dir:
+        return None
+    import hashlib
+
+    key = json.dumps([cfg.get(k) for k in CONFIG_KEYS] + [cfg["seed"]])
+    name = f"{cfg['task']}_C{cfg['chunk']}_N{cfg['slots']}_{cfg['write']}_s{cfg['seed']}_" + \
+        hashlib.sha1(key.encode()).hexdigest()[:10] + ".pt"
+    return os.path.join(args.ckpt_dir, name)
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _forward_loss(model, batch: TaskBatch, mask):
@@ -655,6 +695,9 @@ def main(argv=None) -> int:
             run = train_one(base, seed, args)
             run.update(meta, started=started, eval_every=args.eval_every, eval_samples=args.eval_samples)
             append_run(args.results, run)
+            ckpt = checkpoint_path(args, {**base, "seed": seed})
+            if ckpt and os.path.exists(ckpt):
+                os.remove(ckpt)
             print(f"[done] {key}: final {run['final_accuracy']:.3f}, to 50% {run['steps_to_50']}, "
                   f"to 90% {run['steps_to_90']}, {run['seconds']:.0f}s", flush=True)
     if own_world:

@@ -136,3 +136,38 @@ def test_seconds_long_study_run_saves_resumes_and_reports(tmp_path, capsys):
                     "--plot-prefix", str(tmp_path / "plot")]) == 0
     assert "| one fact | 8 | 8 | qknorm(tau 10/10) |" in md.read_text()
     assert (tmp_path / "plot_accuracy.png").stat().st_size > 0
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, capsys):
+    common = ["--task", "fact", "--chunk", "8", "--slots", "8", "--steps", "6", "--eval-every", "2",
+              "--eval-samples", "8", "--batch-size", "4", "--ckpt-every", "1", "--ckpt-dir", str(tmp_path / "ck")]
+    whole = tmp_path / "whole.jsonl"
+    assert ms.main(common + ["--results", str(whole)]) == 0
+    # Interrupt the same run at step 4: its checkpoint (state at the start of step 4) stays behind.
+    args = ms.parse_args(common + ["--results", str(tmp_path / "part.jsonl"), "--steps", "6"])
+    cfg = dict(task="fact", chunk=8, slots=8, pairs=1, hops=1, model="lm2", write="attention", tau_read=None,
+               tau_write=None, steps=6, batch_size=4, lr=args.lr)
+    real_eval = ms.accuracy
+    calls = {"n": 0}
+
+    def stop_after_checkpoint(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the eval at step 4, just after its checkpoint was written
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+
+    ms.accuracy = stop_after_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ms.train_one(cfg, 0, args)
+    finally:
+        ms.accuracy = real_eval
+    assert os.path.exists(ms.checkpoint_path(args, {**cfg, "seed": 0}))
+    capsys.readouterr()
+    assert ms.main(common + ["--results", str(tmp_path / "part.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at step 4" in out and "step 0 acc" not in out and "step 2 acc" not in out
+    a = json.loads(whole.read_text())
+    b = json.loads((tmp_path / "part.jsonl").read_text())
+    assert a["curve"] == b["curve"] and a["final_loss"] == b["final_loss"]
+    assert not os.listdir(tmp_path / "ck")  # removed once the run is recorded
