@@ -2,8 +2,22 @@
 
 `num_parameters` must equal the parameters of the model build_model creates (a test builds
 every flavor on the meta device and compares). `flops_per_token` is what the step log's
-TFLOP/s and MFU use: matmul FLOPs, forward + backward (3x forward), memory read and write
-counted, attention over the full window (no causal halving, as Megatron-LM counts).
+TFLOP/s and MFU and `lm2-flavors` use: the FLOPs the kernels of one training step execute
+(tests/test_flops.py checks it against torch's FlopCounterMode over a real forward+backward):
+
+- GEMMs: 2mnk forward; backward = data gradient + weight gradient (2x forward), only the weight
+  gradient where the input needs no gradient (a bank detached by memory_bptt_chunks).
+- Memory attention (read and write, scaled_dot_product_attention): 4 L_q L_k d_h per head
+  forward; the flash / memory-efficient backward recomputes the scores: 2.5x forward.
+- Self-attention core, by kernel: "local" (Megatron's DotProductAttention, CPU): both bmm's
+  over all S keys (the causal mask or window is applied after them), backward 2x; "te"
+  (Transformer Engine's causal flash attention, the GPU default): the (S+1)/2 keys the causal
+  mask keeps on average, backward 2.5x (block-tiled kernels compute a little more on the
+  diagonal; not counted).
+- The memory as training runs it: chunk j's keys/values need a GEMM for j >= 1 (chunk 0's
+  come from the weights: identity M_0, or one GEMM per micro-batch: learned M_0), and the
+  last chunk is not written (no later chunk reads it).
+- Not counted: elementwise work (norms, gates, softmax, RoPE, loss), communication.
 """
 
 from __future__ import annotations
@@ -72,32 +86,71 @@ def num_parameters(config: LM2Config) -> ParameterCount:
     return ParameterCount(embedding=embedding, decoder=decoder, memory=memory)
 
 
-def memory_flops_per_token(config: LM2Config) -> float:
-    """Forward FLOPs per token of one memory layer.
+ATTENTION_KERNELS = ("te", "local")
+SDPA_BACKWARD = 2.5  # flash backward: scores recomputed, then dV, dP, dQ, dK
 
-    Token side: Q, output gate, projection (3 x 2d^2); read attention 4Nd; write gather 2Nd.
-    Bank side, once per chunk of C tokens: K/V of N slots (4Nd^2) and, for the attention
-    write, the two gates on N slots (4Nd^2); per token that is divided by C. The aligned
-    write's gates act on the C tokens instead (4d^2 per token).
-    """
+
+def _memory_flops(config: LM2Config, seq_length: int, micro_batch_size: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs per token of one memory layer in a training step."""
     d, n, c = config.hidden_size, config.memory_slots, config.memory_chunk_size
-    flops = 6 * d * d + 4 * n * d + 2 * n * d + 4 * n * d * d / c
-    flops += 4 * n * d * d / c if config.memory_write == "attention" else 4 * d * d
-    return flops
+    chunks = -(-seq_length // c)
+    written = chunks - 1  # the last chunk's write is skipped in training
+    gemm = 6 * d * d * seq_length  # linear_q, linear_out_gate, linear_proj on every token
+    kv_forward = written * 4 * n * d * d  # K/V GEMMs on the banks of chunks 1..
+    if config.memory_init == "learned":
+        kv_forward += 4 * n * d * d / micro_batch_size  # chunk 0: one GEMM on M_0 per micro-batch
+    attention = 4 * n * d * seq_length  # the read: every token over N slots
+    if config.memory_write == "attention":
+        write_gemm, write_attention = 4 * n * d * d, 4 * n * c * d  # gates on N slots; slots over C tokens
+    else:
+        write_gemm, write_attention = 4 * c * d * d, 0  # in/forget gates on the chunk's tokens and reads
+    gemm += written * write_gemm
+    attention += written * write_attention
+    forward = gemm + kv_forward + attention
+    backward = 2 * (gemm + kv_forward) + SDPA_BACKWARD * attention
+    # Truncated backprop (memory_bptt_chunks = k): the write that makes a detached bank gets no
+    # gradient, so autograd never runs its backward. (The detached bank's K/V GEMM still runs
+    # its data gradient: Megatron's linear computes it whether or not the input needs it.)
+    bptt = config.memory_bptt_chunks
+    cut = sum(1 for j in range(1, chunks) if bptt is not None and j % bptt == 0)
+    backward -= cut * (2 * write_gemm + SDPA_BACKWARD * write_attention)
+    return forward / seq_length, backward / seq_length
 
 
-def flops_per_token(config: LM2Config, seq_length: int | None = None) -> float:
-    """Training FLOPs (forward + backward) per token."""
+def memory_flops_per_token(config: LM2Config, seq_length: int | None = None,
+                           micro_batch_size: int = 1) -> float:
+    """Forward FLOPs per token of one memory layer, as a training step executes them (see the
+    module docstring); flops_per_token adds the backward."""
+    return _memory_flops(config, seq_length or config.seq_length, micro_batch_size)[0]
+
+
+def attention_core_flops_per_token(config: LM2Config, seq_length: int | None = None,
+                                   kernel: str = "te") -> float:
+    """Self-attention score and context FLOPs per token of one layer, forward + backward."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {ATTENTION_KERNELS}")
     seq = seq_length or config.seq_length
+    per_key = 4 * config.num_attention_heads * _kv_channels(config)
+    if kernel == "local":
+        return 3.0 * per_key * seq
     window = min(config.attention_window or seq, seq)
-    d, dh = config.hidden_size, _kv_channels(config)
+    return (1.0 + SDPA_BACKWARD) * per_key * (window + 1) / 2
+
+
+def flops_per_token(config: LM2Config, seq_length: int | None = None, *, kernel: str = "te",
+                    micro_batch_size: int = 1) -> float:
+    """Training FLOPs (forward + backward) per token, as executed (module docstring). `kernel`:
+    the self-attention kernel, "te" (GPU training, the default) or "local"; micro_batch_size
+    matters only for a learned M_0 (its keys are one GEMM per micro-batch)."""
+    seq = seq_length or config.seq_length
+    d = config.hidden_size
     block_matmul = block_parameters(config) - 2 * d  # weights only (norms are not matmuls)
-    attention = 4 * window * config.num_attention_heads * dh  # QK^T and AV
-    forward = config.num_layers * (2 * block_matmul + attention)
+    total = config.num_layers * (6.0 * block_matmul + attention_core_flops_per_token(config, seq, kernel))
     if config.has_memory:
-        forward += len(config.memory_layer_numbers) * memory_flops_per_token(config)
-    forward += 2 * d * config.vocab_size  # output logits
-    return 3.0 * forward
+        forward, backward = _memory_flops(config, seq, micro_batch_size)
+        total += len(config.memory_layer_numbers) * (forward + backward)
+    total += 6.0 * d * config.vocab_size  # output logits
+    return total
 
 
 def format_count(n: float) -> str:
