@@ -21,21 +21,26 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # memory_baseline
+
 
 @contextlib.contextmanager
-def saved_bytes_counter():
-    """Counts the bytes autograd saves for backward inside the block (CPU memory proxy)."""
-    seen, total = set(), [0]
+def saved_bytes_counter(exclude=()):
+    """Bytes autograd holds for backward at the end of the block (the CPU proxy for activation
+    memory): the storages of every tensor saved inside it, counted once each, measured when
+    the block ends (so storage a module releases until backward is not counted). Storages of
+    `exclude` tensors (parameters) are left out; total[0] is set on exit."""
+    saved, skip, total = {}, {t.untyped_storage().data_ptr() for t in exclude}, [0]
 
     def pack(t):
         key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
+        if key[0] not in skip:
+            saved.setdefault(key, t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
+    total[0] = sum(t.untyped_storage().nbytes() for t in saved.values())
 
 
 def _time(fn, repeats: int) -> float:
@@ -105,6 +110,42 @@ def chunk_table(chunks: list[int], batch: int, repeats: int, device, dtype, **sh
     return rows
 
 
+def old_vs_new(batch: int, repeats: int, device, dtype, **shape) -> dict:
+    """The memory module alone, fwd+bwd: the SDPA path (megatron_lm2.memory) against the
+    explicit-score path it replaced (benchmarks/memory_baseline.py), same weights and input."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.specs import get_memory_local_spec
+    from memory_baseline import explicit_forward
+
+    cfg = get_flavor("debug", params_dtype=dtype, **shape)
+    torch.manual_seed(0)
+    module = build_module(get_memory_local_spec(), config=cfg, layer_number=1).to(device)
+    tokens = torch.randn(cfg.seq_length, batch, cfg.hidden_size, device=device, dtype=dtype,
+                         requires_grad=True)
+    params = list(module.parameters())
+    result = {}
+    for name, forward in (("old", lambda: explicit_forward(module, tokens)), ("new", lambda: module(tokens))):
+        with saved_bytes_counter(exclude=params) as saved:
+            out, _ = forward()
+        grads = torch.autograd.grad(out.float().square().sum(), [tokens] + params)
+
+        def step():
+            o, _ = forward()
+            o.float().sum().backward()
+
+        seconds = _time(step, repeats)
+        peak = _peak(step) if torch.cuda.is_available() else None
+        result[name] = dict(saved=saved[0], seconds=seconds, peak=peak, out=out.detach(), grads=grads)
+    result["max_diff_out"] = (result["old"]["out"] - result["new"]["out"]).abs().max().item()
+    result["max_rel_diff_grad"] = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(result["old"]["grads"], result["new"]["grads"])
+    )
+    return result
+
+
 def _commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
@@ -147,6 +188,27 @@ def main(argv=None) -> None:
         shape = dict(hidden_size=128, num_attention_heads=4, memory_slots=32, memory_heads=4,
                      memory_chunk_size=64)
         dtype, batch = torch.float32, 2
+
+    if args.gpu_1p7b:
+        module_shape = dict(hidden_size=2048, num_attention_heads=32, memory_slots=2048, memory_heads=8,
+                            memory_chunk_size=1024, seq_length=2048)
+        module_batch = 4
+    else:
+        module_shape = dict(hidden_size=512, num_attention_heads=4, memory_slots=1024, memory_heads=2,
+                            memory_chunk_size=1024, seq_length=2048)
+        module_batch = 1
+    r = old_vs_new(module_batch, args.repeats, device, dtype, **module_shape)
+    print(f"\n## One memory module, old path (explicit scores) vs new (SDPA), fwd+bwd: T={module_shape['seq_length']}, "
+          f"d={module_shape['hidden_size']}, N={module_shape['memory_slots']}, C={module_shape['memory_chunk_size']}, "
+          f"{module_shape['memory_heads']} heads, batch {module_batch}, {dtype}")
+    print("| path | saved for backward MiB (no weights) | ms | peak MiB |")
+    print("|---|---|---|---|")
+    for name in ("old", "new"):
+        row = r[name]
+        peak = f"{row['peak'] / 2**20:.0f}" if row["peak"] else "n/a (CPU)"
+        print(f"| {name} | {row['saved'] / 2**20:.1f} | {row['seconds'] * 1e3:.1f} | {peak} |")
+    print(f"max |out_old - out_new| = {r['max_diff_out']:.2e}; max relative gradient difference "
+          f"{r['max_rel_diff_grad']:.2e}")
 
     rows = chunk_table(chunks, batch, args.repeats, device, dtype, **shape)
     print(f"\n## Memory path alone vs number of chunks (C={shape['memory_chunk_size']}, "

@@ -69,27 +69,50 @@ def stage_parameters(config: LM2Config, tp: int, pp: int) -> int:
     return -(-max(stages) // tp)
 
 
-def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_attention: bool) -> float:
+def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_attention: bool,
+                     bytes_per_value: int = 2, fused_kernels: bool | None = None) -> float:
     """Activations kept for backward on the first pipeline stage under 1F1B (it holds pp
-    micro-batches of L/pp layers, i.e. L layers' worth), bf16, no recomputation.
+    micro-batches of L/pp layers, i.e. L layers' worth), no recomputation. In units of
+    u = s*b*h*bytes_per_value (f = ffn/h, t = tp), per Llama block:
 
-    Per Llama block (Korthikanti et al. 2022, without dropout masks): s*b*h*(10 + 24/t) bytes,
-    plus 5*a*s^2*b/t for the attention scores unless a flash kernel recomputes them.
-    Per memory layer, per TP rank: Q, E_mem, gate, gated read and normed input (5 x 2sbh/t
-    bytes), the read scores and fp32 softmax over N slots (b*(H_m/t)*s*N*(2+4) bytes), and
-    per chunk the write's soft-maxed scores and bank-sized tensors (about 6 x b*N*h*2/t).
-    """
+      norms 4u (inputs and outputs); attention: q, k before RoPE 2u (unless fused RoPE), the
+      core's q, k, v 3u/t (flash: q plus GQA-sized k, v) and its output u/t; scores
+      a*s*b*bytes/t plus the s^2 mask unless flash attention; SwiGLU 5fu/t (fused: 3fu/t).
+
+    Per memory layer (megatron_lm2/memory.py; the score matrices, banks 1.., E_mem and the
+    gated read are not kept): its norm's input and output, the memory-branch residual 3u, Q,
+    the reads and the output-gate logits 3u/t (+u all-gathered E_mem when t > 1); the fp32
+    log-sum-exps; per written chunk the write content and the gate logits 3bNh/t (+bNh
+    gathered); per chunk j >= 1 its keys and values 2bNh/t (+bNh gathered bank); chunk 0's
+    keys and values from the weights, 2Nh/t (one sample). Plus fp32 logits for the loss.
+    tests/test_activation_memory.py checks this against saved-tensor hooks on CPU (fp32,
+    local spec, no fused kernels); `fused_kernels` (default: = flash_attention, the GPU
+    setting) selects fused RoPE and SwiGLU."""
+    fused = flash_attention if fused_kernels is None else fused_kernels
     s, b, h, a = config.seq_length, micro_batch_size, config.hidden_size, config.num_attention_heads
-    block = s * b * h * (10 + 24 / tp)
-    if not flash_attention:
-        block += 5 * a * s * s * b / tp
+    p = bytes_per_value
+    u = s * b * h * p
+    f = config.ffn_hidden_size / h
+    groups = config.num_query_groups or a
+    block = 4 * u + (0 if fused else 2 * u)
+    if flash_attention:
+        block += (1 + 2 * groups / a) * u / tp + u / tp + 4 * a * s * b / tp  # q, k, v, out, lse
+    else:
+        block += 3 * u / tp + u / tp + a * s * s * b * max(p, 4) / tp + s * s  # scores in fp32, mask
+    block += (3 if fused else 5) * f * u / tp
     total = config.num_layers * block
     if config.has_memory:
         n, hm = config.memory_slots, config.memory_heads
         chunks = config.num_memory_chunks
-        memory = 5 * 2 * s * b * h / tp + b * (hm / tp) * s * n * 6 + chunks * 6 * b * n * h * 2 / tp
+        written = chunks - 1  # training never writes the last chunk
+        bank = b * n * h * p
+        gathered = 1 if tp > 1 else 0
+        memory = 3 * u + 3 * u / tp + gathered * u + 4 * b * (hm / tp) * s
+        memory += written * ((3 / tp + gathered) * bank + 4 * b * (hm / tp) * n)
+        memory += (chunks - 1) * (2 / tp + gathered) * bank
+        memory += 2 * n * h * p / tp
         total += len(config.memory_layer_numbers) * memory
-    total += 4 * s * b * config.vocab_size / tp  # fp32 logits for the loss, last stage
+    total += 4 * s * b * config.vocab_size / tp + 2 * u  # fp32 logits for the loss, final norm
     return total
 
 
@@ -105,9 +128,9 @@ def make_plan(train: TrainConfig) -> Plan:
     # Gradients reduce in fp32 (grad_reduce_in_fp32); the distributed optimizer shards fp32
     # main weights (only when the model is bf16) and the two Adam moments over DP.
     optimizer_bytes = (12 if weight_bytes == 2 else 8) / dp
-    activations = activation_bytes(config, train.micro_batch_size, tp, flash_attention=True)
-    if train.bf16 is False and not train.fp8_format:
-        activations *= 2
+    # The GPU layout: TE's flash attention and fused kernels, bf16 (or fp32) activations.
+    activations = activation_bytes(config, train.micro_batch_size, tp, flash_attention=True,
+                                   bytes_per_value=weight_bytes)
     total = per_gpu * (weight_bytes + 4 + optimizer_bytes) / gib + activations / gib
     gpu_memory = next((v for k, v in GPU_MEMORY_GIB.items() if k.lower() in train.gpu.lower()), None)
     fpt = flops_per_token(config)
