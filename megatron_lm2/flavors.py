@@ -9,12 +9,17 @@ Every builder returns an LM2Config. `llama-*` flavors are the vanilla twins of `
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
-from megatron_lm2.config import ConfigError, LM2Config
+from megatron_lm2.cli_args import quiet_library_warnings
+from megatron_lm2.cli_errors import cli_entry
+
+quiet_library_warnings()  # before megatron-core loads (lm2-flavors imports this module first)
+from megatron_lm2.config import ConfigError, LM2Config  # noqa: E402
 
 FLAVORS: Dict[str, Callable[..., LM2Config]] = {}
 
@@ -37,9 +42,27 @@ def get_flavor(name: str, **overrides) -> LM2Config:
     return FLAVORS[name](**overrides)
 
 
+# Runtime fields every flavor starts from: what runs anywhere (fp32, weights built on the CPU,
+# no fused kernels), so a model built directly (tests, conversion, evaluation) is the same on
+# any machine. They are not part of a model's definition: the trainer replaces them for the
+# hardware it runs on (megatron_lm2.training.build.runtime_settings: on GPUs device
+# initialisation, fused kernels, gradient-accumulation fusion; bf16/FP8 from its flags).
+RUNTIME_DEFAULTS = dict(
+    params_dtype=torch.float32,
+    pipeline_dtype=torch.float32,
+    use_cpu_initialization=True,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+)
+
+
 def _llama(**fields) -> LM2Config:
     """Llama-3-style decoder: pre-RMSNorm, RoPE, SwiGLU, no biases, no dropout."""
-    base = dict(
+    architecture = dict(
         normalization="RMSNorm",
         layernorm_epsilon=1e-5,
         gated_linear_unit=True,
@@ -49,18 +72,8 @@ def _llama(**fields) -> LM2Config:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        use_cpu_initialization=True,
     )
-    base.update(fields)
-    return LM2Config(**base)
+    return LM2Config(**{**RUNTIME_DEFAULTS, **architecture, **fields})
 
 
 @register("debug")
@@ -201,13 +214,14 @@ def llama_8b(**overrides) -> LM2Config:
     return _lm2_8b(**{"memory_layers": (), **overrides})
 
 
-def main(argv=None) -> None:
-    """`lm2-flavors`: the registry as a table (parameters from the config; FLOPs per token)."""
-    import argparse
-
+@cli_entry("lm2-flavors")
+def main(argv=None) -> int:
+    """`lm2-flavors`: the registry as a table (parameters from the config; FLOPs per token). A
+    bad flag ends with one line and exit code 2."""
     from megatron_lm2.accounting import flops_per_token, format_count, num_parameters
+    from megatron_lm2.cli_args import ArgumentParser
 
-    parser = argparse.ArgumentParser(description="List the model flavors and their sizes.")
+    parser = ArgumentParser(prog="lm2-flavors", description="List the model flavors and their sizes.")
     parser.parse_args(argv)
     header = f"{'flavor':<16}{'layers':>7}{'d':>6}{'mem layers':>11}{'base':>9}{'memory':>9}{'total':>9}{'TFLOP/tok':>11}"
     print(header)
@@ -220,7 +234,8 @@ def main(argv=None) -> None:
             f"{format_count(count.base):>9}{format_count(count.memory):>9}"
             f"{format_count(count.total):>9}{flops_per_token(cfg) / 1e12:>11.4f}"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,32 +8,25 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Optional, Sequence
 
-
-def quiet_library_warnings() -> None:
-    """Megatron-core warns on every import that Apex/TE are absent (expected on CPU) and torch
-    that the collectives Megatron calls are deprecated; they would bury the step log."""
-    for message in (r".*(Apex|Transformer Engine).*not installed", r"full scope is deprecated"):
-        warnings.filterwarnings("ignore", message=message)
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed")
+from megatron_lm2.cli_args import quiet_library_warnings
+from megatron_lm2.cli_errors import cli_entry
 
 
+@cli_entry("lm2-train")
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input (flags, data, checkpoints) and a halted run end with one line and exit code 2
+    (cli_errors.py); a traceback only with --debug or LM2_DEBUG=1."""
     quiet_library_warnings()
     from megatron_lm2.training.config import parse_args
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     config = parse_args(argv)
     if config.dry_run:
-        from megatron_lm2.config import ConfigError
         from megatron_lm2.training.plan import print_plan
 
-        try:
-            print_plan(config, argv if argv is not None else sys.argv[1:])
-        except ConfigError as error:
-            print(f"lm2-train: error: {error}", file=sys.stderr)
-            return 2
+        print_plan(config, argv)
         return 0
 
     from megatron_lm2 import distributed

@@ -4,23 +4,27 @@
     lm2-convert from-hf --load HF_DIR --save CKPT --tensor-model-parallel-size 2 \\
                         --pipeline-model-parallel-size 2
 
-Runs as one CPU process (no torchrun): any saved TP/PP is resharded on load.
+Runs as one CPU process (no torchrun): any saved TP/PP is resharded on load. Bad input ends with
+one line naming the flag, file or value and exit code 2 (megatron_lm2.cli_errors); --debug or
+LM2_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from typing import Optional, Sequence
 
+from megatron_lm2.cli_args import ArgumentParser, quiet_library_warnings
+from megatron_lm2.cli_errors import UserInputError, cli_entry
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="lm2-convert",
         description="Convert LM2 checkpoints between Megatron (dist checkpoint) and Hugging Face.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     to_hf = sub.add_parser(
         "to-hf",
@@ -61,19 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConversionInputError(UserInputError):
+    """A value in the input folder the conversion cannot use (e.g. a config field that does not
+    fit the model); the message names the folder."""
+
+
+def _quiet() -> None:
+    # Megatron-core warns at import about Apex/TE fallbacks that do not concern conversion.
+    quiet_library_warnings()
+    warnings.filterwarnings("ignore", module=r"megatron\.core")
+
+
+@cli_entry("lm2-convert")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    # Megatron-core warns at import about Apex/TE fallbacks that do not concern conversion.
-    warnings.filterwarnings("ignore", module=r"megatron\.core")
+    _quiet()
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("lm2-convert: error: needs transformers (pip install -e .[hf])", file=sys.stderr)
-        return 2
-    from megatron_lm2.convert.megatron_io import CheckpointError
-    from megatron_lm2.convert.tokenizer_files import TokenizerMismatch
-    from megatron_lm2.tokenizer import TokenizerError
-
+        raise UserInputError("needs transformers (pip install -e .[hf])") from None
     try:
         if args.command == "to-hf":
             from megatron_lm2.convert.to_hf import to_hf
@@ -92,10 +102,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 overwrite=args.overwrite,
             )
-    except (CheckpointError, TokenizerMismatch, TokenizerError, ValueError, KeyError) as exc:
+    except UserInputError:
+        raise
+    except (ValueError, KeyError, AssertionError, RuntimeError) as exc:
+        # A field of the input the model code rejects (TransformerConfig's asserts, a shape
+        # mismatch in a copy): a property of the input, so one line naming it.
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"lm2-convert: error: {message}", file=sys.stderr)
-        return 2
+        raise ConversionInputError(f"{args.load}: {type(exc).__name__}: {message}") from exc
     print(f"lm2-convert: wrote {out}")
     return 0
 

@@ -71,6 +71,28 @@ class SafetensorsFolder:
             self._open[file] = safe_open(str(self.folder / file), framework="pt")
         return self._open[file].get_tensor(name)
 
+    def shape(self, name: str) -> tuple:
+        file = self.weight_map[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.folder / file), framework="pt")
+        return tuple(self._open[file].get_slice(name).get_shape())
+
+
+EMBED_TOKENS = "model.embed_tokens.weight"
+
+
+def check_shapes(folder: Path, hf_config, weights: SafetensorsFolder) -> None:
+    """config.json against the weights, before any conversion: a wrong hidden_size or
+    vocab_size is named as such instead of failing in a reshape."""
+    if EMBED_TOKENS not in weights.weight_map:
+        raise CheckpointError(f"{folder}: the weights hold no {EMBED_TOKENS}")
+    want = (hf_config.vocab_size, hf_config.hidden_size)
+    got = weights.shape(EMBED_TOKENS)
+    if got != want:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: vocab_size={want[0]}, hidden_size={want[1]} do not match the "
+            f"weights ({EMBED_TOKENS} is {list(got)})")
+
 
 def from_hf(
     load: str | os.PathLike,
@@ -85,6 +107,7 @@ def from_hf(
         raise CheckpointError(f"{folder}: no such Hugging Face folder")
     hf_config = read_hf_config(folder)
     weights = SafetensorsFolder(folder)
+    check_shapes(folder, hf_config, weights)
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     vocab = padded_vocab_size(hf_config.vocab_size, tp, make_vocab_size_divisible_by)
     config = from_hf_config(hf_config, vocab_size=vocab)
@@ -96,7 +119,12 @@ def from_hf(
     config.replace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
     # Megatron keeps fp32 master weights (params_dtype of the flavors); bf16 tensors upcast exactly.
-    state = hf_to_megatron(lambda n: weights.get(n).float(), weights.names(), config)
+    try:
+        state = hf_to_megatron(lambda n: weights.get(n).float(), weights.names(), config)
+    except RuntimeError as exc:  # a view/reshape of a tensor whose shape the config does not fit
+        raise CheckpointError(
+            f"{folder}: the weights do not fit config.json ({exc}); check num_attention_heads, "
+            f"num_key_value_heads, intermediate_size and the memory fields") from None
     if vocab != hf_config.vocab_size:  # pad rows Megatron needs for the TP split; never used
         for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if name in state:

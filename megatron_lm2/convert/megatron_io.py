@@ -7,6 +7,8 @@ Writing goes the same way: a TP=1/PP=1 model saved with dist_checkpointing, whic
 loads.
 
 The model config travels next to the weights as `lm2_config.json` (megatron_config.py).
+A training checkpoint's lm2_integrity.json (megatron_lm2.training.integrity) is verified before
+loading: a damaged file is refused naming it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,12 @@ from typing import Dict
 
 import torch
 
-from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.convert.megatron_config import CONFIG_FILE, read_config, write_config
+# One error type for an unusable checkpoint, in training and in conversion.
+from megatron_lm2.training.integrity import CheckpointError, verify
+from megatron_lm2.training.integrity import describe as _first_line
 
 EMBEDDING = "embedding.word_embeddings.weight"
-
-
-class CheckpointError(UserInputError):
-    """A checkpoint directory that cannot be converted; the message names the path."""
 
 
 # -------------------------------------------------------------------------------- checks
@@ -104,10 +104,12 @@ def checkpoint_config(path: Path, metadata):
         return read_config(path)
     from megatron.core import dist_checkpointing
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read common.pt: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a BaseException, too
+        raise CheckpointError(f"{path}: cannot read common.pt: {_first_line(exc)}") from exc
     run = common.get("config") if isinstance(common, dict) else None
     if not run or "flavor" not in run:
         raise CheckpointError(
@@ -143,6 +145,9 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"{path}: incomplete checkpoint: .metadata is missing (was the save interrupted?)"
         )
+    problem = verify(str(path))  # checksums, when the checkpoint recorded them
+    if problem:
+        raise CheckpointError(problem)
     missing = sorted(f for f in shard_files(read_metadata(path)) if not (path / f).is_file())
     if missing:
         raise CheckpointError(
@@ -204,12 +209,14 @@ def load_checkpoint(path: str | os.PathLike):
         config = config.replace(params_dtype=info[1], pipeline_dtype=info[1])
     ensure_single_process()
     model, single = _build_single(config)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded, _, unexpected = dist_checkpointing.load(
             model.sharded_state_dict(), str(path), strict=StrictHandling.RETURN_UNEXPECTED
         )
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path
-        raise CheckpointError(f"{path}: cannot load the checkpoint: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - re-raised with the path
+        raise CheckpointError(f"{path}: cannot load the checkpoint: {_first_line(exc)}") from exc
     if unexpected:
         # Megatron's "unexpected" = keys the model asks for that the checkpoint lacks.
         names = sorted(getattr(k, "key", str(k)) for k in unexpected)

@@ -12,6 +12,9 @@ SentencePiece models are trained from an in-memory iterator with one thread, so 
 gives byte-identical models (the embedded default is regenerated and compared by a test). Every
 model reserves pad=0, unk=1, bos=2, eos=3 (eos is the end-of-document token) and falls back to
 bytes for unseen characters; newlines are kept as a piece of their own.
+
+Bad input (a missing file, a vocabulary the corpus cannot fill) ends with one line and exit code
+2 (megatron_lm2.cli_errors); --debug or LM2_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from megatron_lm2.cli_args import ArgumentParser
+from megatron_lm2.cli_errors import UserInputError, cli_entry
 
 # The embedded default: vocab 2048 (the debug flavor's), trained on 400 documents of the
 # synthetic corpus, seed 20250207 (not a training seed, so it does not favour one split).
@@ -85,10 +91,39 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class TokenizerTrainingError(UserInputError):
+    """The trainer refused the input or the options (e.g. a vocabulary larger than the corpus
+    supports); the message names the flag."""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected int, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _trained(train, *args, vocab_size: int):
+    """Run a trainer; its own refusals (SentencePiece raises RuntimeError with the reason,
+    tokenizers a generic Exception) become one line naming --vocab-size / --input."""
+    try:
+        return train(*args)
+    except UserInputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the libraries raise RuntimeError or bare Exception
+        reason = " ".join(str(error).split())
+        raise TokenizerTrainingError(
+            f"training failed for --vocab-size {vocab_size} on the given --input ({reason[-300:]})") from error
+
+
+@cli_entry("lm2-train-tokenizer")
 def main(argv: list[str] | None = None) -> int:
     from megatron_lm2.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
-    p = argparse.ArgumentParser(prog="lm2-train-tokenizer", description="Train a SentencePiece (BPE / unigram) or HF byte-level BPE tokenizer on local text.",
+    p = ArgumentParser(prog="lm2-train-tokenizer", description="Train a SentencePiece (BPE / unigram) or HF byte-level BPE tokenizer on local text.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", default=[], metavar="PATH",
                    help="parquet / jsonl(.gz/.zst) file or directory, or a .txt file; repeatable")
@@ -97,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=("sentencepiece", "hf-bpe"), default="sentencepiece",
                    help="SentencePiece .model (default) or HF byte-level BPE tokenizer.json")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece model type")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help=f"vocabulary size (default {DEFAULT_VOCAB})")
-    p.add_argument("--max-documents", type=int, default=None, help="train on at most this many documents")
+    p.add_argument("--vocab-size", type=_positive, default=DEFAULT_VOCAB, help=f"vocabulary size (default {DEFAULT_VOCAB})")
+    p.add_argument("--max-documents", type=_positive, default=None, help="train on at most this many documents")
     p.add_argument("--embedded-default", action="store_true",
                    help=f"rebuild the embedded default tokenizer ({DEFAULT_VOCAB} pieces, synthetic corpus "
                         f"seed {DEFAULT_SEED}, {DEFAULT_DOCUMENTS} documents); --output defaults to the asset")
@@ -117,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind == "sentencepiece":
             if out.suffix != ".model":
                 p.error(f"--output {out}: a SentencePiece model must end in .model")
-            _write_atomic(out, train_sentencepiece(texts, args.vocab_size, args.model_type))
+            _write_atomic(out, _trained(train_sentencepiece, texts, args.vocab_size, args.model_type,
+                                        vocab_size=args.vocab_size))
         else:
             if out.suffix != ".json":
                 p.error(f"--output {out}: a HF tokenizer must end in .json (e.g. DIR/tokenizer.json)")
-            _write_atomic(out, train_hf_bpe(texts, args.vocab_size).encode("utf-8"))
+            _write_atomic(out, _trained(train_hf_bpe, texts, args.vocab_size,
+                                        vocab_size=args.vocab_size).encode("utf-8"))
     tok = load_tokenizer(out)
     print(f"wrote {out}: {tok.kind}, vocab {tok.vocab_size}, eod {tok.eod}, sha256 {tok.sha256[:16]}…")
     return 0

@@ -54,8 +54,63 @@ def _te_available() -> bool:
     return True
 
 
+def _apex_gradient_accumulation_fusion() -> bool:
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401  (Apex's wgrad GEMM into main_grad)
+    except Exception:
+        return False
+    return True
+
+
+def _resolve(choice: str, supported: bool, flag: str, why: str) -> bool:
+    if choice == "on" and not supported:
+        raise ConfigError(f"{flag} on: {why}")
+    return supported if choice == "auto" else choice == "on"
+
+
+def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex: bool = False) -> dict:
+    """Model-config fields and DDP switches for the hardware this run is on (the flavors only
+    define architectures; their CPU-safe defaults are replaced here). On GPUs: weights
+    initialised on the device (not every rank building full fp32 weights on its CPU), Megatron's
+    fused RoPE (TE) / SwiGLU / bias-dropout-add / masked softmax / cross-entropy, gradient-
+    accumulation fusion where TE or Apex provide the wgrad GEMM, the DP gradient reduce-scatter
+    overlapped with backward and the parameter all-gather with the next forward. On CPU all off.
+    `--fused-kernels`, `--overlap-grad-reduce`, `--overlap-param-gather` on/off/auto."""
+    te = backend == "te"
+    fused = _resolve(getattr(train, "fused_kernels", "auto"), cuda, "--fused-kernels",
+                     "Megatron's fused kernels need a CUDA GPU")
+    model = dict(
+        use_cpu_initialization=not cuda,
+        bias_activation_fusion=fused,  # SwiGLU (jit-fused)
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,  # local spec only; falls back where the kernel is missing
+        apply_rope_fusion=fused and te,  # Megatron's fused RoPE is TE's
+        cross_entropy_loss_fusion=fused,
+        gradient_accumulation_fusion=fused and (te or apex),
+    )
+    if train.fp8_format:
+        model["fp8_recipe"] = getattr(train, "fp8_recipe", "delayed")
+    ddp = dict(
+        overlap_grad_reduce=_resolve(getattr(train, "overlap_grad_reduce", "auto"), cuda,
+                                     "--overlap-grad-reduce", "needs CUDA streams (a GPU)"),
+        overlap_param_gather=_resolve(getattr(train, "overlap_param_gather", "auto"), cuda,
+                                      "--overlap-param-gather", "needs CUDA streams (a GPU)"),
+    )
+    return dict(model=model, ddp=ddp)
+
+
+def apply_runtime_settings(config: LM2Config, settings: dict) -> None:
+    """Set the runtime fields on the run's config in place (the trainer, the schedules and the
+    models share that object), validated first by building a copy with them."""
+    config.replace(**settings["model"])  # LM2Config/TransformerConfig checks (e.g. fused RoPE needs TE)
+    for name, value in settings["model"].items():
+        setattr(config, name, value)
+
+
 def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[DistributedDataParallel]:
     backend = transformer_backend(train)
+    settings = runtime_settings(train, backend, cuda_available(), _apex_gradient_accumulation_fusion())
+    apply_runtime_settings(config, settings)
     vpp = train.virtual_pipeline_model_parallel_size
     if vpp and train.pipeline_model_parallel_size > 1:
         chunks = [build_model(config, backend, vp_stage=i) for i in range(vpp)]
@@ -67,7 +122,8 @@ def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[Distribute
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=settings["ddp"]["overlap_grad_reduce"],
+        overlap_param_gather=settings["ddp"]["overlap_param_gather"],
         use_distributed_optimizer=True,
         check_for_nan_in_grad=False,  # the trainer skips such steps itself (and counts them)
     )
@@ -79,14 +135,41 @@ def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[Distribute
         )
         for index, chunk in enumerate(chunks)
     ]
+    single = len(wrapped) == 1
     config.no_sync_func = [chunk.no_sync for chunk in wrapped]
-    if len(wrapped) == 1:
+    if ddp_config.overlap_grad_reduce:
+        # Pipeline schedules start each chunk's reduce-scatter as soon as its backward is done.
+        config.grad_sync_func = [chunk.start_grad_sync for chunk in wrapped]
+    if single:
         config.no_sync_func = config.no_sync_func[0]
+        if ddp_config.overlap_grad_reduce:
+            config.grad_sync_func = config.grad_sync_func[0]
+    if ddp_config.overlap_param_gather:
+        for chunk in wrapped:
+            _sync_params_before_reading_weights(chunk)
     config.finalize_model_grads_func = finalize_model_grads
     # Losses are summed over tokens and divided once by the global token count
     # (finalize_model_grads), so DP and micro-batch splits give the same gradient.
     config.calculate_per_token_loss = True
     return wrapped
+
+
+def _sync_params_before_reading_weights(chunk: DistributedDataParallel) -> None:
+    """With the parameter all-gather overlapped, the model's weights are stale between
+    optimizer.step() and the next forward's pre-hooks; a checkpoint or export taken there would
+    save the previous step's weights. Reading the model's state first finishes the gather
+    (what Megatron-LM's disable_forward_pre_hook(param_sync=True) does before saving)."""
+    inner = chunk.module
+    while hasattr(inner, "module") and not hasattr(inner, "decoder"):
+        inner = inner.module  # Float16Module -> GPTModel
+    for name in ("sharded_state_dict", "state_dict"):
+        original = getattr(inner, name)
+
+        def synced(*args, _original=original, **kwargs):
+            chunk.start_param_sync(force_sync=True)
+            return _original(*args, **kwargs)
+
+        setattr(inner, name, synced)
 
 
 def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
@@ -120,6 +203,8 @@ def build_optimizer(train: TrainConfig, config: LM2Config, chunks) -> tuple:
         lr_warmup_steps=train.lr_warmup_iters,
         lr_decay_steps=train.lr_decay_iters or train.train_iters,
         lr_decay_style=train.lr_decay_style,
+        wsd_decay_steps=train.wsd_decay_iters(),
+        lr_wsd_decay_style=train.lr_wsd_decay_style,
         start_wd=train.weight_decay,
         end_wd=train.weight_decay,
         wd_incr_steps=train.train_iters,

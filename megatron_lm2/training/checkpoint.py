@@ -7,6 +7,12 @@ Layout of a save directory:
     <save>/iter_0000300/
     <save>/latest             "iter_0000300": the newest COMPLETE checkpoint
     <save>/.tmp-iter_0000400/ a save in progress (deleted by the next save)
+    <save>/damaged-iter_0000500/  a checkpoint --load-fallback found damaged (kept for a look)
+
+Every checkpoint holds lm2_integrity.json (integrity.py): its files' sizes and sha256, and
+whether the trainer knew its weights to be good (all finite, last step not skipped). Loading
+verifies the checksums first and refuses a damaged checkpoint naming the file; keep-last never
+deletes the newest known-good checkpoint, even when it is older than the last K.
 
 Atomicity: all ranks write into `.tmp-iter_N`; after a barrier rank 0 renames it to `iter_N`,
 then replaces `latest` (tmp file + fsync + os.replace). A process killed at any point leaves
@@ -34,6 +40,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_lm2.compat import cuda_available
+from megatron_lm2.training import integrity
+from megatron_lm2.training.helpers import writer_queue_dies_with_us
+from megatron_lm2.training.integrity import CheckpointError
 
 TRACKER = "latest"
 _ITER = re.compile(r"^iter_(\d{7,})$")
@@ -43,6 +52,10 @@ SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chaine
 
 def iteration_dir(step: int) -> str:
     return f"iter_{step:07d}"
+
+
+class TrackerError(CheckpointError, RuntimeError):
+    """`latest` names something that is not a checkpoint."""
 
 
 def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
@@ -59,7 +72,7 @@ def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
         name = handle.read().strip()
     path = os.path.join(directory, name)
     if not _ITER.match(name) or not os.path.isdir(path):
-        raise RuntimeError(f"{tracker} names {name!r}, which is not a checkpoint directory in {directory}")
+        raise TrackerError(f"{tracker} names {name!r}, which is not a checkpoint directory in {directory}")
     return path
 
 
@@ -206,11 +219,14 @@ def list_checkpoints(directory: str) -> List[int]:
 
 
 def save_checkpoint(directory: str, step: int, chunks, optimizer, scheduler, train_state: dict,
-                    keep_last: int = 0, config: Optional[dict] = None) -> str:
-    """Save on every rank (collective). Returns the final checkpoint path."""
+                    keep_last: int = 0, config: Optional[dict] = None, known_good: bool = True,
+                    reason: str = "") -> str:
+    """Save on every rank (collective). Returns the final checkpoint path. `known_good` goes
+    into the integrity record (the trainer's verdict on the weights)."""
     name = iteration_dir(step)
     final = os.path.join(directory, name)
     tmp = os.path.join(directory, f".tmp-{name}")
+    writer_queue_dies_with_us()
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(tmp):  # left by a save that was killed
@@ -225,6 +241,8 @@ def save_checkpoint(directory: str, step: int, chunks, optimizer, scheduler, tra
     state["layout"] = _layout()
     state["config"] = config or {}
     dist_checkpointing.save(state, tmp)
+    _barrier()
+    integrity.write_record(tmp, step, known_good, reason)  # collective: hashing split over ranks
     _barrier()
 
     if dist.get_rank() == 0:
@@ -245,16 +263,85 @@ def _prune(directory: str, keep_last: int, keep: int) -> None:
     if keep_last <= 0:
         return
     steps = list_checkpoints(directory)
+    good = newest_known_good(directory)
     for step in steps[:-keep_last]:
-        if step != keep:
-            shutil.rmtree(os.path.join(directory, iteration_dir(step)), ignore_errors=True)
+        path = os.path.join(directory, iteration_dir(step))
+        if step != keep and path != good:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def newest_known_good(directory: Optional[str], below: Optional[int] = None) -> Optional[str]:
+    """The newest checkpoint in `directory` not recorded as bad (a checkpoint from before the
+    integrity records counts as good), optionally only those older than step `below`."""
+    if not directory:
+        return None
+    for step in reversed(list_checkpoints(directory)):
+        if below is not None and step >= below:
+            continue
+        path = os.path.join(directory, iteration_dir(step))
+        if integrity.known_good(path) is not False:
+            return path
+    return None
+
+
+def step_of(path: str) -> Optional[int]:
+    match = _ITER.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged checkpoint out of the iter_* namespace (rank 0), so that neither keep-last
+    nor `latest` can pick it again; the files stay for inspection."""
+    directory, name = os.path.split(os.path.normpath(path))
+    target = os.path.join(directory, f"damaged-{name}")
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.replace(path, target)
+    _fsync_dir(directory)
+    return target
+
+
+def point_latest_at(path: str) -> None:
+    directory, name = os.path.split(os.path.normpath(path))
+    _write_tracker(directory, name)
+
+
+def _load_error(path: str, error: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot load the checkpoint ({integrity.describe(error)})")
+
+
+def verify_checkpoint(path: str) -> None:
+    """Refuse a damaged checkpoint (collective): one line naming the file."""
+    problem = integrity.verify(path)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def _load(state, path, **kwargs):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load(state, path, **kwargs)
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - re-raised naming the path
+        raise _load_error(path, error) from error
+
+
+def load_common(path: str) -> dict:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load_common_state_dict(path)
+    except (Exception, CheckpointException) as error:  # noqa: BLE001
+        raise _load_error(os.path.join(path, "common.pt"), error) from error
 
 
 def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: bool = True) -> dict:
     """Load into the model chunks (any TP/PP layout), the optimizer and the scheduler; restore
     RNG when the layout matches the saved one. Returns the train_state dict (step, consumed
-    samples, counters) and `resharded` (True when the layout differs)."""
-    common = dist_checkpointing.load_common_state_dict(path)
+    samples, counters) and `resharded` (True when the layout differs). A damaged checkpoint
+    (checksums) or one that fails to load raises CheckpointError naming it."""
+    verify_checkpoint(path)
+    common = load_common(path)
     saved, now = common.get("layout", {}), _layout()
     same_layout = saved.get("tp") == now["tp"] and saved.get("pp") == now["pp"]
     # RNG streams exist per (PP, TP) rank: another layout cannot take them over.
@@ -263,7 +350,7 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: boo
         _patch_torch_adam_loading(optimizer)
     state = _sharded_state(chunks, optimizer if load_optimizer else None, is_loading=True,
                            with_rng=same_layout)
-    loaded = dist_checkpointing.load(state, path)
+    loaded = _load(state, path)
     for index, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{index}"
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
@@ -283,7 +370,7 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: boo
 
 def read_train_state(path: str) -> dict:
     """Step, data position and counters of a checkpoint, without a model (any process)."""
-    return dict(dist_checkpointing.load_common_state_dict(path)["train_state"])
+    return dict(load_common(path)["train_state"])
 
 
 def load_weights(path: str, chunks) -> None:
@@ -291,6 +378,7 @@ def load_weights(path: str, chunks) -> None:
     `lm2-convert from-hf` or a training checkpoint whose optimizer state is to be dropped."""
     state = {("model" if len(chunks) == 1 else f"model{i}"): unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
              for i, chunk in enumerate(chunks)}
-    loaded = dist_checkpointing.load(state, path)
+    verify_checkpoint(path)
+    loaded = _load(state, path)
     for key, chunk in zip(state, chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)

@@ -13,19 +13,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from megatron_lm2.cli_args import ArgumentParser
 from megatron_lm2.config import ConfigError, LM2Config
 
 DATALOADERS = ("megatron", "dali")
 FP8_FORMATS = ("hybrid", "e4m3")
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
+# megatron-core's OptimizerParamScheduler styles; WSD = warmup, stable at --lr, then a decay over
+# the last --lr-wsd-decay-iters steps of --lr-decay-iters.
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+LR_WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 
 
-def _flag(help: str, *, choices=None, nargs=None, positive=False, nonneg=False, group="training"):
-    return dict(help=help, choices=choices, nargs=nargs, positive=positive, nonneg=nonneg, group=group)
+def _flag(help: str, *, choices=None, nargs=None, positive=False, nonneg=False, group="training",
+          aliases=()):
+    return dict(help=help, choices=choices, nargs=nargs, positive=positive, nonneg=nonneg, group=group,
+                aliases=tuple(aliases))
 
 
 def _f(default, help, **kw):
@@ -80,7 +87,15 @@ class TrainConfig:
     min_lr: float = _f(2e-5, "learning rate at the end of the decay", nonneg=True)
     lr_warmup_iters: int = _f(700, "linear warmup steps", nonneg=True)
     lr_decay_iters: Optional[int] = _f(None, "decay steps (default: --train-iters)", positive=True)
-    lr_decay_style: str = _f("cosine", "decay shape", choices=LR_DECAY_STYLES)
+    lr_decay_style: str = _f("cosine", "decay shape (WSD: warmup-stable-decay)", choices=LR_DECAY_STYLES)
+    lr_wsd_decay_iters: Optional[int] = _f(
+        None, "WSD: steps of the final decay (they end at --lr-decay-iters)", positive=True,
+        aliases=("--lr-wsd-decay-steps",))
+    lr_wsd_decay_fraction: Optional[float] = _f(
+        None, "WSD: the final decay as a fraction of --lr-decay-iters (instead of --lr-wsd-decay-iters)",
+        positive=True)
+    lr_wsd_decay_style: str = _f("linear", "WSD: shape of the final decay to --min-lr",
+                                 choices=LR_WSD_DECAY_STYLES)
     weight_decay: float = _f(0.1, "AdamW weight decay (not on norms, biases, initial_bank)", nonneg=True)
     adam_beta1: float = _f(0.9, "AdamW beta1", nonneg=True)
     adam_beta2: float = _f(0.95, "AdamW beta2", nonneg=True)
@@ -88,6 +103,18 @@ class TrainConfig:
     clip_grad: float = _f(1.0, "clip the global gradient norm to this (0 = off)", nonneg=True)
     bf16: bool = _f(False, "bf16 parameters and compute (fp32 main weights in the optimizer)")
     fp8_format: Optional[str] = _f(None, "FP8 through Transformer Engine (GPU only)", choices=FP8_FORMATS)
+    # ---- performance (megatron_lm2.training.build.runtime_settings; auto = on where supported)
+    fp8_recipe: str = _f("delayed", "FP8 scaling: delayed (amax history), tensorwise (current "
+                         "scaling), blockwise (1x128 blocks, Hopper+)",
+                         choices=("delayed", "tensorwise", "blockwise"), group="performance")
+    overlap_grad_reduce: str = _f("auto", "overlap the data-parallel gradient reduce-scatter with "
+                                  "backward (auto: on GPUs)", choices=("auto", "on", "off"), group="performance")
+    overlap_param_gather: str = _f("auto", "overlap the distributed optimizer's parameter all-gather with "
+                                   "the next forward (auto: on GPUs)", choices=("auto", "on", "off"),
+                                   group="performance")
+    fused_kernels: str = _f("auto", "Megatron's fused RoPE, SwiGLU, bias-dropout-add, masked softmax and "
+                            "cross-entropy, and gradient-accumulation fusion with TE/Apex (auto: on GPUs)",
+                            choices=("auto", "on", "off"), group="performance")
     seed: int = _f(1234, "random seed (init, data order)", nonneg=True)
     max_skipped_steps: int = _f(5, "halt after this many steps in a row with NaN/Inf loss or "
                                 "gradients (each is skipped)", positive=True)
@@ -118,7 +145,11 @@ class TrainConfig:
         "run directory's latest): fresh optimizer and schedule, step 0; a checkpoint to resume "
         "from in --load/--save wins", group="checkpoint")
     save_interval: Optional[int] = _f(None, "save every N steps", positive=True, group="checkpoint")
-    keep_last: int = _f(3, "keep the newest K checkpoints (0 = keep all)", nonneg=True, group="checkpoint")
+    keep_last: int = _f(3, "keep the newest K checkpoints (0 = keep all); the newest known-good one is "
+                        "kept too", nonneg=True, group="checkpoint")
+    load_fallback: bool = _f(False, "when the checkpoint to resume is damaged (checksums) or not known-good, "
+                             "resume from the newest older known-good one instead of stopping",
+                             group="checkpoint")
     no_save_on_signal: bool = _f(False, "do not save on SIGTERM / SIGUSR1", group="checkpoint")
 
     # ---- logging and evaluation
@@ -163,6 +194,20 @@ class TrainConfig:
             raise ConfigError(
                 f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than the decay length "
                 f"{decay} (--lr-decay-iters, default --train-iters)")
+        if self.lr_wsd_decay_iters and self.lr_wsd_decay_fraction:
+            raise ConfigError("give one of --lr-wsd-decay-iters, --lr-wsd-decay-fraction")
+        if self.lr_decay_style == "WSD":
+            if self.lr_wsd_decay_fraction is not None and self.lr_wsd_decay_fraction > 1:
+                raise ConfigError(f"--lr-wsd-decay-fraction {self.lr_wsd_decay_fraction} must be in (0, 1]")
+            wsd = self.wsd_decay_iters()
+            if wsd is None:
+                raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters or --lr-wsd-decay-fraction")
+            if wsd > decay - self.lr_warmup_iters:
+                raise ConfigError(
+                    f"--lr-wsd-decay-iters {wsd} is longer than the steps after warmup "
+                    f"({decay} - --lr-warmup-iters {self.lr_warmup_iters})")
+        elif self.lr_wsd_decay_iters or self.lr_wsd_decay_fraction:
+            raise ConfigError("--lr-wsd-decay-iters/--lr-wsd-decay-fraction need --lr-decay-style WSD")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"--global-batch-size {self.global_batch_size} is not a multiple of "
@@ -187,6 +232,14 @@ class TrainConfig:
         if world_size is not None:
             self.data_parallel_size(world_size)
         self.model_config()  # the model knobs validate themselves (LM2Config)
+
+    def wsd_decay_iters(self) -> Optional[int]:
+        """Steps of the WSD decay phase (None when not set)."""
+        if self.lr_wsd_decay_iters:
+            return self.lr_wsd_decay_iters
+        if self.lr_wsd_decay_fraction:
+            return max(1, round(self.lr_wsd_decay_fraction * (self.lr_decay_iters or self.train_iters)))
+        return None
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -301,7 +354,7 @@ _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optiona
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lm2-train",
         description="Pretrain an LM2 model on Megatron-core (docs/training.md). Defaults are the "
         "paper's 1.7B recipe.",
@@ -316,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(flag(f.name), dest=f.name, action="store_true", help=meta["help"])
             continue
         group.add_argument(
-            flag(f.name), dest=f.name, type=_checked(kind, f.name, meta), default=f.default,
+            flag(f.name), *meta.get("aliases", ()), dest=f.name, type=_checked(kind, f.name, meta),
+            default=f.default,
             choices=meta["choices"], nargs=meta["nargs"], help=meta["help"],
             metavar=f.name.upper() if meta["choices"] is None else None,
         )
@@ -329,6 +383,8 @@ def _checked(kind, name, meta):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):  # float() takes 'nan' and 'inf'
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if meta["positive"] and value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         if meta["nonneg"] and value < 0:

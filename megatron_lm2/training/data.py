@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -70,6 +71,11 @@ def resolve_source(train: TrainConfig, model_vocab_size: int) -> DataSource:
         if not os.path.isfile(manifest):
             raise ConfigError(f"--blend-file {train.blend_file}: no manifest.json next to it "
                               f"(lm2-preprocess writes both); the tokenizer's ids come from it")
+    elif (len(train.data_path) == 1 and not os.path.isfile(train.data_path[0] + ".bin")
+          and not os.path.isfile(train.data_path[0] + ".idx")
+          and not os.path.isdir(train.data_path[0])):
+        raise ConfigError(f"--data-path {train.data_path[0]}: no such directory (and no "
+                          f"{train.data_path[0]}.bin/.idx shard)")
     elif (len(train.data_path) == 1 and os.path.isdir(train.data_path[0])
           and not os.path.isfile(train.data_path[0] + ".bin")):
         directory = train.data_path[0]
@@ -88,10 +94,43 @@ def resolve_source(train: TrainConfig, model_vocab_size: int) -> DataSource:
             if not os.path.isfile(prefix + suffix):
                 raise ConfigError(f"data shard {prefix + suffix} does not exist (from "
                                   f"{'--blend-file' if train.blend_file else '--data-path'})")
+        check_shard_size(prefix)
     if len(prefixes) == 1:
         weights = None  # one shard: no BlendedDataset wrapper, the same samples
     ids = _ids_from_tokenizer(train.tokenizer) if train.tokenizer else _tokenizer_ids(manifest)
     return DataSource((prefixes, weights), ids, manifest or train.tokenizer)
+
+
+def expected_bin_bytes(idx_path: str) -> int:
+    """The size PREFIX.bin must have, from megatron-core's IndexedDataset index: the last
+    sequence's byte offset plus its length in tokens times the token size."""
+    import logging
+
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    logger = logging.getLogger("megatron.core.datasets.indexed_dataset")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the reader logs every array it maps
+    try:
+        index = _IndexReader(idx_path, multimodal=False)
+        if len(index.sequence_lengths) == 0:
+            return 0
+        return int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    except (OSError, ValueError, AssertionError, IndexError, struct.error) as error:
+        raise ConfigError(f"data index {idx_path}: unreadable ({type(error).__name__}: {error})") from None
+    finally:
+        logger.setLevel(level)
+
+
+def check_shard_size(prefix: str) -> None:
+    """A truncated (or padded) PREFIX.bin is refused at start-up, naming it, instead of
+    training on short documents or failing at some later step."""
+    expected = expected_bin_bytes(prefix + ".idx")
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise ConfigError(
+            f"data shard {prefix}.bin: {actual} bytes, but its index {prefix}.idx describes {expected} "
+            f"({'truncated' if actual < expected else 'longer than its index'}; re-run lm2-preprocess)")
 
 
 def _ids_from_tokenizer(spec: str) -> TokenizerIds:

@@ -89,15 +89,21 @@ class MetricsWriter:
 
     def __init__(self, tensorboard_dir: Optional[str], metrics_file: Optional[str],
                  wandb_project: Optional[str] = None, wandb_run_name: Optional[str] = None,
-                 config: Optional[dict] = None):
+                 config: Optional[dict] = None, resumed_at: Optional[int] = None):
+        """`resumed_at`: the step a resumed run restarts after. Records of later steps (logged
+        by the previous run after its last checkpoint) are dropped, so every step appears once."""
         self.tensorboard = None
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(tensorboard_dir)
+            # purge_step: TensorBoard hides the previous run's events from that step on.
+            self.tensorboard = SummaryWriter(
+                tensorboard_dir, purge_step=None if resumed_at is None else resumed_at + 1)
         self.metrics_file = metrics_file
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            if resumed_at is not None:
+                drop_records_after(metrics_file, resumed_at)
         self.wandb = None
         if wandb_project:
             try:
@@ -130,6 +136,33 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrite metrics.jsonl (atomically) without records of steps > `step`; returns how many
+    were dropped. A torn last line (a run killed mid-write) goes too."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record.get("step", 0)) <= step
+            except (ValueError, TypeError, AttributeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 def merge_gate_stats(per_rank: List[Dict[int, Dict[str, float]]]) -> Dict[int, Dict[str, float]]:

@@ -5,9 +5,14 @@
 One step = `num_microbatches` micro-batches per data-parallel rank through Megatron's pipeline
 schedule (no pipelining, 1F1B, or interleaved 1F1B), losses summed over tokens and divided by
 the global token count, a NaN/Inf check on loss and gradients, then the distributed optimizer
-and the LR schedule. Memory banks: every forward starts from M_0 (LM2Memory's default when
-not carrying), so a step depends on nothing but weights, optimizer state and its batch, and
-resuming needs no bank state.
+and the LR schedule, then a check that every parameter is still finite (one reduction per DDP
+parameter buffer and one scalar to the host). A step whose loss or gradients are not finite is
+skipped (weights untouched); an update that leaves a non-finite weight halts the run at once,
+before anything is saved: checkpoints only ever hold finite weights, and one saved while
+steps were being skipped is recorded as not known-good (docs/training.md, "Faults").
+
+Memory banks: every forward starts from M_0 (LM2Memory's default when not carrying), so a step
+depends on nothing but weights, optimizer state and its batch, and resuming needs no bank state.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lm2 import distributed
 from megatron_lm2.accounting import flops_per_token, num_parameters
+from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.compat import device
 from megatron_lm2.config import ConfigError
 from megatron_lm2.memory_state import gate_stats
@@ -32,11 +38,13 @@ from megatron_lm2.model import attention_mask
 from megatron_lm2.training import checkpoint, data, metrics
 from megatron_lm2.training.build import build_model_chunks, build_optimizer
 from megatron_lm2.training.config import TrainConfig
+from megatron_lm2.training.integrity import CheckpointError
 from megatron_lm2.training.signals import ExitSignal
 
 
-class TrainingHalted(RuntimeError):
-    """Too many consecutive non-finite steps."""
+class TrainingHalted(UserInputError):
+    """Too many consecutive non-finite steps, or an update that made a weight non-finite. The
+    message names the checkpoint to restart from (the newest known-good one)."""
 
 
 class Trainer:
@@ -66,12 +74,14 @@ class Trainer:
         self.chunks = build_model_chunks(train, self.model_config)
         self.optimizer, self.scheduler = build_optimizer(train, self.model_config, self.chunks)
         self.forward_backward = get_forward_backward_func()
+        self._by_chunk = False  # loss_func also reports per-memory-chunk sums (validation)
 
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.resumed_from: Optional[str] = None
+        self._unconfirmed: Optional[str] = None  # the checkpoint the next step confirms or demotes
         self._maybe_resume()
 
         self.train_set, self.valid_set = data.build_datasets(train, self.source, self.seq_length)
@@ -85,7 +95,8 @@ class Trainer:
             tensorboard = train.tensorboard_dir or (os.path.join(train.save, "tensorboard") if train.save else None)
             metrics_file = train.metrics_file or (os.path.join(train.save, "metrics.jsonl") if train.save else None)
             self.writer = metrics.MetricsWriter(tensorboard, metrics_file, train.wandb_project,
-                                                train.wandb_run_name, train.to_dict())
+                                                train.wandb_run_name, train.to_dict(),
+                                                resumed_at=self.step if self.resumed_from else None)
         self.signals = ExitSignal(enabled=not train.no_save_on_signal)
         self.history: List[dict] = []  # per-step records (tests and plots read them)
 
@@ -106,13 +117,50 @@ class Trainer:
             if self.train.init_from:
                 self._init_weights(self.train.init_from)
             return
-        state = checkpoint.load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+        state, path = self._load_with_fallback(path)
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.resumed_from = path
+        if self.train.save and os.path.dirname(os.path.abspath(path)) == os.path.abspath(self.train.save):
+            self._unconfirmed = path
+        if checkpoint.integrity.known_good(path) is False:
+            self.log(f"WARNING: {path} is recorded as not known-good (saved while steps were being "
+                     f"skipped); --load-fallback resumes from the newest known-good one instead")
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)"
                  + (f"; resharded from {state['saved_layout']}" if state["resharded"] else ""))
+
+    def _load_with_fallback(self, path: str):
+        """Load `path`; with --load-fallback, a damaged or not-known-good checkpoint of a run
+        directory gives way to the newest older known-good one (the damaged one is renamed
+        damaged-iter_N and `latest` re-pointed, so a restart cannot pick it again)."""
+        directory = os.path.dirname(path)
+        fallback = self.train.load_fallback and checkpoint.step_of(path) is not None
+        while True:
+            problem = None
+            if fallback and checkpoint.integrity.known_good(path) is False:
+                problem = f"{path} is recorded as not known-good (saved while steps were being skipped)"
+            else:
+                try:
+                    return checkpoint.load_checkpoint(path, self.chunks, self.optimizer, self.scheduler), path
+                except CheckpointError as error:
+                    if not fallback:
+                        older = checkpoint.newest_known_good(directory, below=checkpoint.step_of(path))
+                        hint = (f"; pass --load-fallback to resume from {older} instead" if older
+                                else "")
+                        raise CheckpointError(f"{error}{hint}") from None
+                    problem = str(error)
+            older = checkpoint.newest_known_good(directory, below=checkpoint.step_of(path))
+            if older is None:
+                raise CheckpointError(f"{problem}; --load-fallback: no older known-good checkpoint in {directory}")
+            self.log(f"WARNING: {problem}; falling back to {older}")
+            if self.rank == 0:
+                if checkpoint.integrity.known_good(path) is not False:
+                    self.log(f"moved the damaged checkpoint to {checkpoint.set_aside(path)}")
+                checkpoint.point_latest_at(older)
+            if dist.is_initialized():
+                dist.barrier()
+            path = older
 
     def _init_weights(self, directory: str) -> None:
         path = checkpoint.latest_checkpoint(directory)
@@ -140,18 +188,34 @@ class Trainer:
         mask = loss_mask.reshape(-1).float()
         loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
         num_tokens = mask.sum().to(torch.int)
-        report = torch.stack([loss_sum.detach(), mask.sum()])
-        return loss_sum, num_tokens, {"lm loss": report}
+        report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+        if self._by_chunk:
+            report["chunk loss"] = self._chunk_report(per_token_loss.detach(), loss_mask)
+        return loss_sum, num_tokens, report
 
-    def _reduce_loss(self, losses) -> float:
-        """Mean token loss of the global batch, known on every rank."""
-        total = torch.zeros(2, dtype=torch.float64, device=device())
+    def _chunk_report(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """[2, chunks]: summed loss and token count of the positions in memory chunk 0, 1, ...
+        of each sequence (chunk = memory_chunk_size tokens, the unit the bank is written in)."""
+        chunk = self.model_config.memory_chunk_size
+        mask = loss_mask.reshape(-1, self.seq_length // chunk, chunk).float()
+        loss = per_token_loss.reshape(mask.shape).float() * mask
+        return torch.stack([loss.sum(dim=(0, 2)), mask.sum(dim=(0, 2))])
+
+    def _reduce(self, losses, key: str, shape) -> torch.Tensor:
+        """Sum of the reports `key` over micro-batches, DP ranks and (from the last stage) the
+        pipeline, in float64, known on every rank."""
+        total = torch.zeros(shape, dtype=torch.float64, device=device())
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for item in losses:
-                total += item["lm loss"].to(torch.float64)
+                total += item[key].to(torch.float64)
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return total
+
+    def _reduce_loss(self, losses) -> float:
+        """Mean token loss of the global batch, known on every rank."""
+        total = self._reduce(losses, "lm loss", 2)
         return (total[0] / total[1].clamp(min=1)).item()
 
     def _grads_finite(self) -> bool:
@@ -160,10 +224,38 @@ class Trainer:
                   for chunk in self.chunks for buffer in chunk.buffers + chunk.expert_parallel_buffers]
         return bool(torch.stack(checks).all()) if checks else True
 
-    def _all_ranks(self, ok: bool) -> bool:
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device())
+    def _params_finite(self) -> torch.Tensor:
+        """A 0-d bool tensor, not synced: every weight of this rank is finite. One fp32 sum per
+        DDP parameter buffer (a NaN or Inf anywhere makes the sum non-finite; a finite sum can
+        only overflow when weights are ~1e30, which is broken too)."""
+        sums = []
+        for chunk in self.chunks:
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                if buffer.param_data is not None:
+                    sums.append(torch.sum(buffer.param_data, dtype=torch.float32))
+                else:
+                    sums.extend(torch.sum(p, dtype=torch.float32) for p in buffer.params)
+        if not sums:
+            return torch.tensor(True, device=device())
+        return torch.isfinite(torch.stack(sums)).all()
+
+    def _all_ranks(self, ok) -> bool:
+        """True when `ok` (a bool or 0-d tensor) holds on every rank: one all-reduce, one sync."""
+        if isinstance(ok, torch.Tensor):
+            flag = (~ok.to(device())).to(torch.int32).reshape(1)
+        else:
+            flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
+
+    def _halt_message(self, what: str) -> str:
+        if not self.train.save:
+            where = "no checkpoints were saved (no --save). "
+        else:
+            good = checkpoint.newest_known_good(self.train.save)
+            where = (f"the newest known-good checkpoint is {good} (resume with --load {good}). " if good
+                     else f"no known-good checkpoint in {self.train.save}. ")
+        return f"halting at step {self.step}: {what}; {where}"
 
     def train_step(self) -> dict:
         for chunk in self.chunks:
@@ -184,6 +276,13 @@ class Trainer:
         if finite:
             updated, grad_norm, _ = self.optimizer.step()
             finite = bool(updated)
+            if finite and not self._all_ranks(self._params_finite()):
+                # Not rolled back: that would need a copy of weights and optimizer state every
+                # step; nothing after this point is saved.
+                raise TrainingHalted(self._halt_message(
+                    f"the update of step {self.step + 1} made weights non-finite (loss {loss}, "
+                    f"grad norm {grad_norm}, lr {self._lr():.3g}); nothing was saved after it")
+                    + "Lower --lr or --clip-grad.")
         if finite:
             self.scheduler.step(increment=1)
             self.consecutive_skips = 0
@@ -193,22 +292,35 @@ class Trainer:
         return dict(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm), skipped=not finite)
 
     def evaluate(self) -> float:
+        return self.evaluation()["loss"]
+
+    def evaluation(self) -> dict:
+        """Validation on the first --eval-iters global batches of the validation split:
+        `loss` (mean of the batches' mean token losses) and `loss_by_chunk` (mean token loss
+        of positions in memory chunk 0, 1, ..., over all of those tokens)."""
         dp_rank = parallel_state.get_data_parallel_rank()
         iterators = [data.micro_batches(self.valid_set, 0, self.train.micro_batch_size, dp_rank, self.dp_size)
                      for _ in self.chunks]
         for chunk in self.chunks:
             chunk.eval()
-        total = 0.0
-        with torch.no_grad():
-            for _ in range(self.train.eval_iters):
-                losses = self.forward_backward(
-                    forward_step_func=self.forward_step, data_iterator=iterators, model=self.chunks,
-                    num_microbatches=self.num_microbatches, seq_length=self.seq_length,
-                    micro_batch_size=self.train.micro_batch_size, forward_only=True)
-                total += self._reduce_loss(losses)
-        for chunk in self.chunks:
-            chunk.train()
-        return total / self.train.eval_iters
+        chunks = self.seq_length // self.model_config.memory_chunk_size
+        total, by_chunk = 0.0, torch.zeros(2, chunks, dtype=torch.float64, device=device())
+        self._by_chunk = True
+        try:
+            with torch.no_grad():
+                for _ in range(self.train.eval_iters):
+                    losses = self.forward_backward(
+                        forward_step_func=self.forward_step, data_iterator=iterators, model=self.chunks,
+                        num_microbatches=self.num_microbatches, seq_length=self.seq_length,
+                        micro_batch_size=self.train.micro_batch_size, forward_only=True)
+                    total += self._reduce_loss(losses)
+                    by_chunk += self._reduce(losses, "chunk loss", (2, chunks))
+        finally:
+            self._by_chunk = False
+            for chunk in self.chunks:
+                chunk.train()
+        means = (by_chunk[0] / by_chunk[1].clamp(min=1)).tolist()
+        return dict(loss=total / self.train.eval_iters, loss_by_chunk=means)
 
     # -------------------------------------------------------------------------- loop
     def run(self) -> List[dict]:
@@ -231,13 +343,12 @@ class Trainer:
                 interval_steps += 1
                 record = dict(step=self.step, loss=result["loss"], grad_norm=result["grad_norm"],
                               lr=self._lr(), skipped=result["skipped"])
+                self._confirm_last_save(result["skipped"])
                 self.history.append(record)
                 if self.consecutive_skips >= train.max_skipped_steps:
-                    raise TrainingHalted(
-                        f"halting at step {self.step}: {self.consecutive_skips} steps in a row had a "
-                        f"NaN/Inf loss or gradient (loss {result['loss']}); "
-                        + (f"the last good checkpoint is {train.save}/latest. " if train.save
-                           else "no checkpoints were saved (no --save). ")
+                    raise TrainingHalted(self._halt_message(
+                        f"{self.consecutive_skips} steps in a row had a NaN/Inf loss or gradient "
+                        f"(loss {result['loss']})")
                         + "Lower --lr, check the data, or raise --max-skipped-steps.")
                 if self.step % train.log_interval == 0 or self.step == train.train_iters:
                     self._log_interval(record, interval_time, interval_steps, run_start, start_step)
@@ -263,13 +374,29 @@ class Trainer:
                 self.writer.close()
         return self.history
 
+    def _confirm_last_save(self, skipped: bool) -> None:
+        """The first step after a save (or resume) judges its weights: skipped -> demoted."""
+        path, self._unconfirmed = self._unconfirmed, None
+        if path is not None and skipped and self.rank == 0:
+            checkpoint.integrity.demote(path, f"step {self.step}, the first after it, had a NaN/Inf "
+                                              f"loss or gradient")
+
     def save(self) -> str:
         started = time.perf_counter()
+        finite = self._all_ranks(self._params_finite())
+        if not finite:  # cannot happen after a checked update; loaded or initial weights may
+            raise TrainingHalted(self._halt_message("the weights to be saved are not finite"))
+        known_good = self.consecutive_skips == 0
+        reason = ("weights finite, last step not skipped" if known_good else
+                  f"saved after {self.consecutive_skips} skipped step(s) in a row")
         path = checkpoint.save_checkpoint(
             self.train.save, self.step, self.chunks, self.optimizer, self.scheduler,
             dict(consumed_samples=self.consumed_samples, skipped_steps=self.skipped_steps),
-            keep_last=self.train.keep_last, config=_plain(self.train.to_dict()))
-        self.log(f"saved {path} ({time.perf_counter() - started:.1f}s)")
+            keep_last=self.train.keep_last, config=_plain(self.train.to_dict()),
+            known_good=known_good, reason=reason)
+        self.log(f"saved {path} ({time.perf_counter() - started:.1f}s)"
+                 + ("" if known_good else f"; not known-good: {reason}"))
+        self._unconfirmed = path if known_good else None
         return path
 
     # ------------------------------------------------------------------------ logging
@@ -296,10 +423,15 @@ class Trainer:
             self.writer.write(full)
 
     def _log_eval(self) -> None:
-        loss = self.evaluate()
+        result = self.evaluation()
+        loss = result["loss"]
         if self.rank == 0:
-            print(f"validation step {self.step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}", flush=True)
-            self.writer.write(dict(step=self.step, loss=loss), prefix="valid")
+            by_chunk = " ".join(f"{x:.3f}" for x in result["loss_by_chunk"])
+            print(f"validation step {self.step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "
+                  f"by memory chunk {by_chunk}", flush=True)
+            # val_loss_by_chunk: read by the scaling study (issue 13); keep the name.
+            self.writer.write(dict(step=self.step, loss=loss, val_loss_by_chunk=result["loss_by_chunk"]),
+                              prefix="valid")
 
     def banner(self) -> str:
         c, t = self.model_config, self.train

@@ -1,0 +1,453 @@
+"""Fault injection on training and conversion (issue 9): huge learning rates and non-finite
+weights never reach a known-good checkpoint and the halt names the one that is; damaged or
+truncated checkpoint files are refused naming the file (or skipped with --load-fallback);
+checkpoints from before the checksums still load; truncated data shards are refused at
+start-up; every CLI ends bad input with one line and exit code 2; a resumed run's
+metrics.jsonl has each step once; no helper process outlives the trainer; the WSD schedule and
+the validation loss by memory chunk."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_lm2.testing import run_distributed
+
+COMMON = [
+    "--flavor", "debug", "--mock-data", "--num-layers", "2", "--seq-length", "64",
+    "--memory-chunk-size", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "1", "--log-interval", "1",
+]
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "LM2_DEBUG"):
+        env.pop(key, None)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _module(module, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+def _train(*args):
+    return _module("megatron_lm2.train", *args)
+
+
+def _one_line_error(result, prog):
+    """Exit 2, one stderr line `prog: error: ...`, no traceback; returns the line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    return lines[0]
+
+
+def _train_records(path):
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle]
+    return [r for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """4 steps, checkpoints at 2 and 4 (all kept)."""
+    directory = str(tmp_path_factory.mktemp("run") / "ckpt")
+    result = _train(*COMMON, "--train-iters", "4", "--save", directory, "--save-interval", "2",
+                    "--keep-last", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = {r["step"]: r["loss"] for r in _train_records(os.path.join(directory, "metrics.jsonl"))}
+    return directory, losses
+
+
+def _copy(run_dir, tmp_path):
+    directory = str(tmp_path / "ckpt")
+    shutil.copytree(run_dir, directory)
+    return directory
+
+
+def _shard(checkpoint):
+    return sorted(f for f in os.listdir(checkpoint) if f.endswith(".distcp"))[0]
+
+
+# ------------------------------------------------------------------------ flag validation
+@pytest.mark.parametrize("argv,flag", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--min-lr", "inf"], "--min-lr"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--clip-grad", "inf"], "--clip-grad"),
+    (["--adam-eps", "inf"], "--adam-eps"), (["--adam-beta2", "nan"], "--adam-beta2"),
+])
+def test_float_flags_must_be_finite(argv, flag, capsys):
+    from megatron_lm2.training.config import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--mock-data", *argv], world_size=1)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"argument {flag}: must be a finite number, got {argv[1]}" in err[0], err
+
+
+# ---------------------------------------------------------------- non-finite steps
+def _all_finite(argv):
+    """Resume a trainer from a checkpoint (weights, optimizer, schedule); count its weights and
+    the finite ones."""
+    from megatron_lm2.training.checkpoint import unwrap
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(argv))
+    params = list(unwrap(trainer.chunks[0]).parameters())
+    return trainer.step, len(params), sum(bool(torch.isfinite(p).all()) for p in params)
+
+
+def test_huge_lr_keeps_a_loadable_finite_checkpoint_and_names_it(tmp_path):
+    from megatron_lm2.training.integrity import known_good
+
+    directory = str(tmp_path / "ckpt")
+    result = _train(*COMMON, "--lr", "1e6", "--min-lr", "0", "--train-iters", "12", "--save", directory,
+                    "--save-interval", "2", "--keep-last", "1", "--max-skipped-steps", "3")
+    line = _one_line_error(result, "lm2-train")
+    assert "steps in a row had a NaN/Inf loss or gradient" in line
+    named = line.split("the newest known-good checkpoint is ")[1].split(" ")[0]
+    assert os.path.isdir(named) and known_good(named) is True
+    # keep-last 1 kept a newer checkpoint, saved while steps were skipped, and the older
+    # known-good one beside it.
+    saved = sorted(e for e in os.listdir(directory) if e.startswith("iter_"))
+    newest = os.path.join(directory, saved[-1])
+    assert newest != named and known_good(newest) is False
+    assert saved == sorted([os.path.basename(named), saved[-1]])
+    step, count, finite = run_distributed(_all_finite, 1, COMMON + ["--train-iters", "12", "--load", named])[0]
+    assert step == int(named[-7:]) and count > 20 and finite == count
+
+
+def _poisoned_run(argv):
+    """A trainer whose update of step 3 leaves an Inf in one weight (finite loss and grads)."""
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(argv))
+    step = trainer.optimizer.step
+
+    def poisoned_step():
+        result = step()
+        if trainer.step + 1 == 3:
+            with torch.no_grad():
+                next(trainer.chunks[0].parameters()).view(-1)[7] = float("inf")
+        return result
+
+    trainer.optimizer.step = poisoned_step
+    try:
+        trainer.run()
+    except Exception as error:  # noqa: BLE001 - the halt is the result
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def test_update_with_non_finite_weights_halts_before_saving(tmp_path):
+    from megatron_lm2.training.integrity import known_good
+
+    directory = str(tmp_path / "ckpt")
+    error = run_distributed(_poisoned_run, 1, COMMON + ["--train-iters", "6", "--save", directory,
+                                                         "--save-interval", "1", "--keep-last", "1"])[0]
+    good = os.path.join(directory, "iter_0000002")
+    assert error.startswith("TrainingHalted: halting at step 2: the update of step 3 made weights "
+                            "non-finite"), error
+    assert f"the newest known-good checkpoint is {good}" in error
+    assert sorted(e for e in os.listdir(directory) if "iter_" in e) == ["iter_0000002"]
+    assert open(os.path.join(directory, "latest")).read().strip() == "iter_0000002"
+    assert known_good(good) is True
+
+
+# ------------------------------------------------------------- damaged checkpoints
+def test_flipped_bytes_are_refused_naming_the_file_and_fallback_resumes(run_dir, tmp_path):
+    source, expected = run_dir
+    directory = _copy(source, tmp_path)
+    damaged = os.path.join(directory, "iter_0000004", _shard(os.path.join(directory, "iter_0000004")))
+    size = os.path.getsize(damaged)
+    with open(damaged, "r+b") as handle:  # 64 KiB of random bytes, same size
+        handle.seek(size // 3)
+        handle.write(np.random.default_rng(0).bytes(min(65536, size // 3)))
+    assert os.path.getsize(damaged) == size
+    args = [*COMMON, "--train-iters", "4", "--save", directory, "--save-interval", "2", "--keep-last", "0"]
+
+    line = _one_line_error(_train(*args), "lm2-train")
+    assert f"{damaged}: sha256 does not match" in line
+    assert f"--load-fallback to resume from {os.path.join(directory, 'iter_0000002')}" in line
+    # The converter verifies too.
+    line = _one_line_error(_module("megatron_lm2.convert.cli", "to-hf", "--load", directory, "--save",
+                                   str(tmp_path / "hf")), "lm2-convert")
+    assert f"{damaged}: sha256 does not match" in line
+
+    result = _train(*args, "--load-fallback")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {os.path.join(directory, 'iter_0000002')} at step 2" in result.stdout
+    assert os.path.isdir(os.path.join(directory, "damaged-iter_0000004"))
+    assert open(os.path.join(directory, "latest")).read().strip() == "iter_0000004"
+    records = _train_records(os.path.join(directory, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # steps 3, 4 once, from the rerun
+    assert {r["step"]: r["loss"] for r in records} == expected
+
+
+def test_truncated_shard_is_refused_naming_the_file(run_dir, tmp_path):
+    directory = _copy(run_dir[0], tmp_path)
+    shard = os.path.join(directory, "iter_0000004", _shard(os.path.join(directory, "iter_0000004")))
+    size = os.path.getsize(shard)
+    os.truncate(shard, size // 2)
+    line = _one_line_error(_train(*COMMON, "--train-iters", "4", "--save", directory), "lm2-train")
+    assert f"{shard}: {size // 2} bytes, the checkpoint recorded {size}" in line
+
+
+def test_checkpoint_without_checksums_loads_and_a_broken_one_names_the_checkpoint(run_dir, tmp_path):
+    """A checkpoint written before lm2_integrity.json existed: resumes to the same losses; if its
+    shard is truncated, torch's CheckpointException (a BaseException) becomes one line."""
+    from megatron_lm2.training.integrity import INTEGRITY_FILE
+
+    source, expected = run_dir
+    directory = _copy(source, tmp_path)
+    for name in ("iter_0000002", "iter_0000004"):
+        os.remove(os.path.join(directory, name, INTEGRITY_FILE))
+    shutil.rmtree(os.path.join(directory, "iter_0000004"))
+    with open(os.path.join(directory, "latest"), "w") as handle:
+        handle.write("iter_0000002\n")
+    legacy = os.path.join(directory, "iter_0000002")
+    spare = str(tmp_path / "spare")
+    shutil.copytree(legacy, spare)
+    args = [*COMMON, "--train-iters", "4", "--save", directory, "--keep-last", "0"]
+
+    shard = os.path.join(legacy, _shard(legacy))
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    line = _one_line_error(_train(*args), "lm2-train")
+    assert f"{legacy}: cannot load the checkpoint" in line
+
+    shutil.rmtree(legacy)
+    shutil.copytree(spare, legacy)
+    result = _train(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {legacy} at step 2" in result.stdout
+    losses = {r["step"]: r["loss"] for r in _train_records(os.path.join(directory, "metrics.jsonl"))}
+    assert losses == expected
+
+
+def test_metrics_have_each_step_once_after_a_resume(run_dir, tmp_path):
+    """The run logged steps 3 and 4 after its step-2 checkpoint; resuming from step 2 drops
+    them before logging them again."""
+    source, expected = run_dir
+    directory = _copy(source, tmp_path)
+    shutil.rmtree(os.path.join(directory, "iter_0000004"))
+    with open(os.path.join(directory, "latest"), "w") as handle:
+        handle.write("iter_0000002\n")
+    result = _train(*COMMON, "--train-iters", "4", "--save", directory)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _train_records(os.path.join(directory, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {r["step"]: r["loss"] for r in records} == expected
+
+
+# ------------------------------------------------------------------------- data shards
+def _shards(directory):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, "shard_00000")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    total = 0
+    for _ in range(200):
+        doc = rng.integers(2, 500, size=int(rng.integers(20, 60))).tolist() + [1]
+        builder.add_document(torch.tensor(doc), [len(doc)])
+        total += len(doc)
+    builder.finalize(prefix + ".idx")
+    with open(os.path.join(directory, "manifest.json"), "w") as handle:
+        json.dump(dict(tokenizer=dict(vocab_size=512, eod=1, pad=0, name="fixture")), handle)
+    with open(os.path.join(directory, "blend.json"), "w") as handle:
+        json.dump(dict(prefixes=["shard_00000"], weights=[1.0]), handle)
+    return prefix, total
+
+
+def test_truncated_bin_is_refused_at_start_up(tmp_path):
+    from megatron_lm2.training.data import expected_bin_bytes
+
+    prefix, tokens = _shards(str(tmp_path / "data"))
+    assert expected_bin_bytes(prefix + ".idx") == os.path.getsize(prefix + ".bin") == 2 * tokens
+    os.truncate(prefix + ".bin", 2 * tokens - 1000)
+    result = _train("--flavor", "debug", "--data-path", str(tmp_path / "data"), "--seq-length", "32",
+                    "--memory-chunk-size", "32", "--train-iters", "2", "--global-batch-size", "2",
+                    "--micro-batch-size", "2", "--lr-warmup-iters", "1")
+    line = _one_line_error(result, "lm2-train")
+    assert (f"data shard {prefix}.bin: {2 * tokens - 1000} bytes, but its index {prefix}.idx describes "
+            f"{2 * tokens}") in line
+
+
+# ---------------------------------------------------------------------- one-line errors
+def test_cli_bad_input_is_one_line_exit_2(run_dir, tmp_path):
+    directory = str(tmp_path / "bad-latest")
+    os.makedirs(directory)
+    with open(os.path.join(directory, "latest"), "w") as handle:
+        handle.write("iter_0000009\n")
+    cases = [
+        ("megatron_lm2.train", ["--mock-data", "--lr", "nan"], "lm2-train", "argument --lr: must be a finite"),
+        ("megatron_lm2.train", ["--flavor", "debug", "--data-path", str(tmp_path / "nowhere")], "lm2-train",
+         f"--data-path {tmp_path / 'nowhere'}: no such directory"),
+        ("megatron_lm2.train", [*COMMON, "--train-iters", "2", "--save", directory], "lm2-train",
+         "latest names 'iter_0000009', which is not a checkpoint directory"),
+        ("megatron_lm2.convert.cli", ["to-hf", "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "x")],
+         "lm2-convert", "no such checkpoint directory"),
+        ("megatron_lm2.flavors", ["--bogus"], "lm2-flavors", "unrecognized arguments: --bogus"),
+        ("megatron_lm2.tokenizer.train", ["--input", str(tmp_path / "none.jsonl"), "--output",
+                                          str(tmp_path / "t.model")], "lm2-train-tokenizer", "none.jsonl"),
+        ("megatron_lm2.tokenizer.train", ["--vocab-size", "0"], "lm2-train-tokenizer",
+         "argument --vocab-size: must be > 0"),
+    ]
+    for module, args, prog, message in cases:
+        line = _one_line_error(_module(module, *args), prog)
+        assert message in line, (module, args, line)
+
+    # --debug brings the traceback back.
+    debug = _module("megatron_lm2.train", *COMMON, "--train-iters", "2", "--save", directory, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_from_hf_with_a_wrong_hidden_size_is_one_line(run_dir, tmp_path):
+    hf = tmp_path / "hf"
+    result = _module("megatron_lm2.convert.cli", "to-hf", "--load", run_dir[0], "--save", str(hf),
+                     "--tokenizer", "default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((hf / "config.json").read_text())
+    config["hidden_size"] = config["hidden_size"] - 32
+    (hf / "config.json").write_text(json.dumps(config))
+    line = _one_line_error(_module("megatron_lm2.convert.cli", "from-hf", "--load", str(hf), "--save",
+                                   str(tmp_path / "back")), "lm2-convert")
+    assert f"hidden_size={config['hidden_size']} do not match the weights" in line
+
+
+def test_tokenizer_vocabulary_too_large_is_one_line(tmp_path):
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text(json.dumps({"text": "hello world"}) + "\n")
+    line = _one_line_error(_module("megatron_lm2.tokenizer.train", "--input", str(corpus), "--output",
+                                   str(tmp_path / "t.model"), "--vocab-size", "5000"), "lm2-train-tokenizer")
+    assert "--vocab-size 5000" in line and "Vocabulary size too high" in line
+
+
+# ---------------------------------------------------------------------- orphans
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_no_helper_process_outlives_the_trainer(tmp_path, sig):
+    import psutil
+
+    directory = str(tmp_path / "ckpt")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "megatron_lm2.train", *COMMON, "--train-iters", "500", "--save", directory,
+         "--save-interval", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not os.path.isdir(
+            os.path.join(directory, "iter_0000004")):
+        time.sleep(0.05)
+    children = psutil.Process(process.pid).children(recursive=True)
+    # The checkpoint writer's multiprocessing Manager (and its resource tracker).
+    assert children, "no helper processes to check"
+    process.send_signal(sig)
+    process.communicate(timeout=300)
+    _, alive = psutil.wait_procs(children, timeout=20)
+    for child in alive:
+        child.kill()
+    assert not alive, [(c.pid, c.cmdline()) for c in alive]
+
+
+# ------------------------------------------------------------------ WSD and val by chunk
+def _lrs(argv):
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    return [r["lr"] for r in Trainer(parse_args(argv)).run()]
+
+
+def _wsd_lrs(base, k, fraction):
+    return _lrs(base + ["--lr-wsd-decay-iters", str(k)]), _lrs(base + ["--lr-wsd-decay-fraction", str(fraction)])
+
+
+def test_wsd_schedule():
+    """Warmup to --lr, stable, then a linear decay to --min-lr over the last k steps."""
+    peak, floor, steps, warmup, k = 1e-3, 1e-4, 10, 2, 4
+    base = COMMON + ["--train-iters", str(steps), "--lr-warmup-iters", str(warmup), "--lr-decay-style", "WSD",
+                     "--num-layers", "1", "--seq-length", "32", "--micro-batch-size", "4", "--log-interval", "100"]
+    by_steps, by_fraction = run_distributed(_wsd_lrs, 1, base, k, 0.4)[0]
+
+    def reference(step):  # step = optimizer steps taken
+        if step <= warmup:
+            return peak * step / warmup
+        if step <= steps - k:
+            return peak
+        return floor + (peak - floor) * (1 - (step - (steps - k)) / k)
+
+    want = [reference(s) for s in range(1, steps + 1)]
+    assert np.allclose(by_steps, want, rtol=1e-12, atol=0), (by_steps, want)
+    assert by_fraction == by_steps
+    assert by_steps[-1] == pytest.approx(floor) and by_steps[warmup] == pytest.approx(peak)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr-decay-style", "WSD"], "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+    (["--lr-wsd-decay-iters", "5"], "need --lr-decay-style WSD"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-steps", "500"], "--lr-wsd-decay-iters 500 is longer"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-fraction", "1.5"], "must be in (0, 1]"),
+])
+def test_wsd_flag_errors(argv, message, capsys):
+    from megatron_lm2.training.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--mock-data", "--train-iters", "100", "--lr-warmup-iters", "10", *argv], world_size=1)
+    assert message in capsys.readouterr().err
+
+
+def _validation_by_chunk(argv):
+    """The trainer's validation record, and the same numbers from a plain forward of the model
+    over the validation micro-batches (float64 per-token losses grouped by position)."""
+    from megatron_lm2.training import data
+    from megatron_lm2.training.checkpoint import unwrap
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    train = parse_args(argv)
+    trainer = Trainer(train)
+    trainer.run()
+    with open(train.metrics_file) as handle:
+        valid = [json.loads(line) for line in handle if json.loads(line)["kind"] == "valid"]
+    model = unwrap(trainer.chunks[0])
+    model.eval()
+    chunk, seq = trainer.model_config.memory_chunk_size, trainer.seq_length
+    sums, counts = np.zeros(seq // chunk), np.zeros(seq // chunk)
+    batches = data.micro_batches(trainer.valid_set, 0, train.micro_batch_size, 0, 1)
+    with torch.no_grad():
+        for _ in range(train.eval_iters * trainer.num_microbatches):
+            batch = next(batches)
+            loss = model(batch["tokens"], batch["position_ids"], trainer.mask, labels=batch["labels"])
+            loss = (loss.double() * batch["loss_mask"].double()).reshape(-1, seq // chunk, chunk)
+            sums += loss.sum(dim=(0, 2)).numpy()
+            counts += batch["loss_mask"].double().reshape(-1, seq // chunk, chunk).sum(dim=(0, 2)).numpy()
+    return valid, (sums / counts).tolist()
+
+
+@pytest.mark.parametrize("flavor", ["debug", "debug-vanilla"])
+def test_validation_loss_by_memory_chunk(tmp_path, flavor):
+    metrics_file = str(tmp_path / "metrics.jsonl")
+    argv = COMMON + ["--flavor", flavor, "--seq-length", "96", "--memory-chunk-size", "32", "--train-iters", "2",
+                     "--eval-interval", "2", "--eval-iters", "2", "--split", "80,20,0",
+                     "--metrics-file", metrics_file]
+    valid, reference = run_distributed(_validation_by_chunk, 1, argv)[0]
+    assert len(valid) == 1 and valid[0]["step"] == 2
+    by_chunk = valid[0]["val_loss_by_chunk"]
+    assert len(by_chunk) == 3
+    assert np.allclose(by_chunk, reference, rtol=1e-6, atol=0), (by_chunk, reference)
+    # Equal tokens per chunk: the chunks' mean is the validation loss.
+    assert np.mean(by_chunk) == pytest.approx(valid[0]["loss"], rel=1e-6)
+    assert all(math.isfinite(x) for x in by_chunk)
