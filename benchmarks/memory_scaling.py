@@ -87,6 +87,8 @@ def parse_args(argv=None):
                         "--write mode given as a comma list; appends to --init-results")
     p.add_argument("--init-results", default="benchmarks/memory_scaling_init.jsonl")
     p.add_argument("--report-md", default="benchmarks/memory_scaling_table.md")
+    p.add_argument("--reference", default="benchmarks/memory_experiment.json",
+                   help="the C = 32 record of examples/memory_experiment.py, shown with the study ('' = off)")
     p.add_argument("--plot-prefix", default="benchmarks/memory_scaling")
     return p.parse_args(argv)
 
@@ -334,7 +336,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
         if ckpt and step > first and step % (args.eval_every * args.ckpt_every) == 0:
             _save_checkpoint(ckpt, dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                data=data.get_state(), step=step, curve=curve, losses=losses, diagnostics=diagnostics,
+                data=data.get_state(), step=step, cfg={**cfg_args, "seed": seed}, curve=curve, losses=losses, diagnostics=diagnostics,
                 eval_seconds=eval_seconds, train_seconds=train_seconds, seconds=time.time() - t0))
         batch = make_batch(spec, args.batch_size, data) if step < args.steps else None
         if step % args.eval_every == 0 or step == args.steps:
@@ -444,6 +446,10 @@ def _commit() -> str:
 
 # ------------------------------------------------------------------------------ report
 def _label(r: dict) -> str:
+    return _base_label(r) + (f" (partial, step {r['partial_at']})" if "partial_at" in r else "")
+
+
+def _base_label(r: dict) -> str:
     if r["model"] != "lm2":
         return "vanilla"
     if r["write"].startswith("qknorm"):
@@ -635,12 +641,68 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def reference_runs(path: str) -> list[dict]:
+    """The C = 32 runs of examples/memory_experiment.py (the same one-fact task, model, optimizer,
+    batch and budget; held-out 512 samples every 100 steps) in this tool's run format."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    meta = data.get("meta", {})
+    out = []
+    for r in data["runs"]:
+        if r["flavor"] != "debug":
+            continue
+        curve = [tuple(c) for c in r["curve"]]
+        out.append(dict(task="fact", chunk=meta.get("window", 32), slots=32, pairs=1, hops=1, model="lm2",
+                        write="attention", tau_read=None, tau_write=None, steps=meta.get("steps", 1000),
+                        batch_size=meta.get("batch_size", 32), lr=meta.get("lr", 3e-3), seed=r["seed"],
+                        curve=curve, final_accuracy=r["final_accuracy"], best_accuracy=max(a for _, a in curve),
+                        steps_to_50=steps_to(curve, 0.5), steps_to_90=steps_to(curve, 0.9), stopped_at=None,
+                        chance=meta.get("chance", 1 / 16), diagnostics=[], seconds=r["seconds"],
+                        train_seconds=r["seconds"], eval_seconds=0.0,
+                        without_facts_accuracy=r.get("without_facts_accuracy"),
+                        machine="memory_experiment.md", commit=meta.get("commit", "?"),
+                        started=meta.get("date", "?"), source="memory_experiment.json"))
+    return out
+
+
+def partial_runs(ckpt_dir: str) -> list[dict]:
+    """Runs still in progress (or interrupted): their checkpointed curves, marked partial."""
+    if not ckpt_dir or not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        if not name.endswith(".pt"):
+            continue
+        state = torch.load(os.path.join(ckpt_dir, name), weights_only=False, map_location="cpu")
+        cfg = state.get("cfg")
+        if cfg is None:  # checkpoints from before cfg was stored: the name says it
+            task, c, n, write, seed = name.split("_")[:5]
+            cfg = dict(task=task, chunk=int(c[1:]), slots=int(n[1:]), pairs=1, hops=1, model="lm2", write=write,
+                       tau_read=10.0 if write.startswith("qknorm") else None,
+                       tau_write=10.0 if write.startswith("qknorm") else None, steps=1000, batch_size=32,
+                       lr=3e-3, seed=int(seed[1:]))
+        curve = [tuple(c) for c in state["curve"]]
+        out.append(dict(cfg, curve=curve, final_accuracy=curve[-1][1], best_accuracy=max(a for _, a in curve),
+                        steps_to_50=steps_to(curve, 0.5), steps_to_90=steps_to(curve, 0.9), stopped_at=None,
+                        chance=1 / 16, diagnostics=state["diagnostics"], seconds=state["seconds"],
+                        train_seconds=state["train_seconds"], eval_seconds=state["eval_seconds"],
+                        partial_at=state["step"], started="(partial)", machine="(partial)", commit="(partial)"))
+    return out
+
+
 def report(args) -> int:
-    runs = load_runs(args.results)
-    if not runs:
+    runs = load_runs(args.results) + reference_runs(args.reference)
+    partial = partial_runs(args.ckpt_dir)
+    if not runs and not partial:
         print(f"no runs in {args.results}", file=sys.stderr)
         return 1
     text = report_text(runs)
+    if partial:
+        text += ("\n\nIn progress or interrupted (from the checkpoints in " + args.ckpt_dir + "; resumable; steps to "
+                 "50/90 % counted only up to the last checkpoint):\n\n" + report_text(partial).split("\n\n")[0])
+        runs = runs + partial
     init_runs = load_runs(args.init_results)
     if init_runs:
         text += "\n\nAt initialisation (one batch of " + f"{init_runs[0]['batch_size']}" + ", --init-only; mean over the " \
