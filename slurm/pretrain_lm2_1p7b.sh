@@ -102,6 +102,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
     exec python -m megatron_lm2.train --dry-run --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" "${ARGS[@]}"
 fi
 
+# ---- launch and requeue (lm2-sweep submit copies this section into its job arrays) ----
 mkdir -p "$CHECKPOINT_DIR" logs
 # (not `| head -n 1`: with pipefail, scontrol's SIGPIPE would end the script)
 mapfile -t NODE_LIST < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -149,3 +150,4 @@ if [[ "$PREEMPTED" == 1 ]]; then
     exit 0
 fi
 exit "$STATUS"
+# ---- end of launch and requeue ----
