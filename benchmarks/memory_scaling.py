@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--adam-eps", type=float, default=1e-8,
+                   help="AdamW eps (the plateau's linear_q gradients are ~1e-9 per weight, below 1e-8)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--stop-at", type=float, default=1.01,
@@ -311,7 +313,8 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
     t0 = time.time()
     model, spec = build(cfg_args, seed)
     mask = attention_mask(spec.seq_length, spec.chunk)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                  eps=cfg_args.get("adam_eps", DEFAULT_EPS))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
     data = torch.Generator().manual_seed(10_000 + seed)
     held_out = make_batch(spec, args.eval_samples, EVAL_SEED)
@@ -383,7 +386,8 @@ def checkpoint_path(args, cfg: dict):
 
     key = json.dumps([cfg.get(k) for k in CONFIG_KEYS] + [cfg["seed"]])
     name = f"{cfg['task']}_C{cfg['chunk']}_N{cfg['slots']}_{cfg['write']}_s{cfg['seed']}_" + \
-        hashlib.sha1(key.encode()).hexdigest()[:10] + ".pt"
+        hashlib.sha1(key.encode()).hexdigest()[:10] + \
+        (f"_eps{cfg['adam_eps']:g}" if cfg.get("adam_eps", DEFAULT_EPS) != DEFAULT_EPS else "") + ".pt"
     return os.path.join(args.ckpt_dir, name)
 
 
@@ -402,10 +406,11 @@ def _forward_loss(model, batch: TaskBatch, mask):
 # ------------------------------------------------------------------------------ results
 CONFIG_KEYS = ("task", "chunk", "slots", "pairs", "hops", "model", "write", "tau_read", "tau_write",
                "steps", "batch_size", "lr")
+DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
 
 
 def run_key(run: dict) -> tuple:
-    return tuple(run.get(k) for k in CONFIG_KEYS) + (run["seed"],)
+    return tuple(run.get(k) for k in CONFIG_KEYS) + (run["seed"], run.get("adam_eps", DEFAULT_EPS))
 
 
 def load_runs(path: str) -> list[dict]:
@@ -446,7 +451,9 @@ def _commit() -> str:
 
 # ------------------------------------------------------------------------------ report
 def _label(r: dict) -> str:
-    return _base_label(r) + (f" (partial, step {r['partial_at']})" if "partial_at" in r else "")
+    eps = r.get("adam_eps", DEFAULT_EPS)
+    return _base_label(r) + (f", adam eps {eps:g}" if eps != DEFAULT_EPS else "") + \
+        (f" (partial, step {r['partial_at']})" if "partial_at" in r else "")
 
 
 def _base_label(r: dict) -> str:
@@ -747,7 +754,7 @@ def main(argv=None) -> int:
                     write=args.write if model_kind == "lm2" else "none",
                     tau_read=args.tau_read if args.write.startswith("qknorm") and model_kind == "lm2" else None,
                     tau_write=args.tau_write if args.write.startswith("qknorm") and model_kind == "lm2" else None,
-                    steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps)
         for seed in (int(s) for s in args.seeds.split(",")):
             key = run_key({**base, "seed": seed})
             if key in done:
