@@ -45,7 +45,6 @@ import types
 from datetime import datetime, timezone
 
 import torch
-import torch.nn.functional as F
 
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts
 
