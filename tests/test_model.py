@@ -187,3 +187,110 @@ def test_lm2_1p7b_is_near_the_paper():
     # Paper: ~1.2B base + ~0.5B memory. Ours: 1.28B (untied 49,152-token embeddings) + 0.47B.
     assert abs(count.base - 1.2e9) / 1.2e9 < 0.08
     assert abs(count.memory - 0.5e9) / 0.5e9 < 0.08
+
+
+def test_memory_linears_get_their_own_config():
+    """Megatron's TE linear wrapper switches `tp_comm_overlap` off on the config it is given
+    when the buffer name is not one of its own (megatron/core/extensions/transformer_engine.py,
+    TELinear.__init__); the memory's "mem_*" linears must not do that to the config every later
+    layer shares. The same mutation, on CPU, through a local linear that imitates it."""
+    from dataclasses import replace as dc_replace
+
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lm2.specs import get_lm2_layer_local_spec
+
+    def te_like(base):
+        class Linear(base):
+            def __init__(self, *args, config, tp_comm_buffer_name=None, **kwargs):
+                if config.tp_comm_overlap and tp_comm_buffer_name not in ("qkv", "proj", "fc1", "fc2"):
+                    config.tp_comm_overlap = False
+                super().__init__(*args, config=config, tp_comm_buffer_name=tp_comm_buffer_name, **kwargs)
+        return Linear
+
+    cfg = get_flavor("debug", **SMALL)
+    cfg.tp_comm_overlap = True  # set after validation: Megatron refuses it without TE/SP
+    spec = get_lm2_layer_local_spec(cfg)
+    memory = spec.submodules.memory
+    column, row = te_like(ColumnParallelLinear), te_like(RowParallelLinear)
+    memory.submodules = dc_replace(
+        memory.submodules, linear_q=column, linear_kv=column, linear_out_gate=column,
+        linear_in_gate=column, linear_forget_gate=column, linear_gates=column, linear_proj=row)
+    layer = build_module(spec, config=cfg, layer_number=1)
+    assert cfg.tp_comm_overlap is True  # the shared config is untouched
+    assert layer.memory.linear_q.config is not cfg and layer.memory.linear_q.config.tp_comm_overlap is False
+    assert layer.memory.linear_proj.config is not cfg
+    assert layer.self_attention.config is cfg and layer.mlp.config is cfg
+
+
+def test_attention_window_is_refused_with_the_te_spec():
+    from megatron_lm2.specs import get_lm2_block_spec
+
+    cfg = get_flavor("debug", attention_window=64)
+    with pytest.raises(ConfigError, match=r"attention_window=64 .*'local'"):
+        get_lm2_block_spec(cfg, "te")
+
+
+@pytest.mark.parametrize(
+    "overrides, calls",
+    [
+        # The 1.7B layout, two chunks: every memory GEMM once per micro-batch.
+        (dict(), dict(linear_q=1, linear_kv=1, linear_out_gate=1, linear_gates=1, linear_proj=1)),
+        # Four chunks: bank j+1 needs chunk j's keys (through the write), so K/V and the gates
+        # run once per written chunk; the aligned input gate reads tokens: one call.
+        (dict(seq_length=96, memory_chunk_size=24),
+         dict(linear_q=1, linear_kv=3, linear_out_gate=1, linear_gates=3, linear_proj=1)),
+        (dict(seq_length=96, memory_chunk_size=24, memory_slots=24, memory_write="aligned"),
+         dict(linear_q=1, linear_kv=3, linear_out_gate=1, linear_in_gate=1, linear_forget_gate=3,
+              linear_proj=1)),
+        (dict(memory_init="learned"),
+         dict(linear_q=1, linear_kv=2, linear_out_gate=1, linear_gates=1, linear_proj=1)),
+    ],
+    ids=["two-chunks", "four-chunks", "aligned", "learned"],
+)
+def test_memory_linear_calls_per_micro_batch(overrides, calls):
+    """TE's fused weight-gradient accumulation has been reported to lose part of a linear's
+    gradient when it runs more than once per micro-batch (Megatron-LM PR #6965): the memory
+    calls each linear once where the chunk recurrence allows it."""
+    cfg, model = _model(**{"seq_length": 48, "memory_chunk_size": 24, **overrides})
+    module = model.decoder.layers[0].memory
+    counts = {}
+    hooks = [getattr(module, name).register_forward_hook(
+        lambda *_, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)) for name in calls]
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length))
+    model.train()
+    _logits(model, tokens).float().sum().backward()
+    for hook in hooks:
+        hook.remove()
+    assert counts == calls
+
+
+def test_runtime_settings_follow_the_hardware():
+    """Flavors carry CPU-safe runtime defaults; the trainer turns the GPU settings on."""
+    from megatron_lm2.training.build import runtime_settings
+    from megatron_lm2.training.config import parse_args
+
+    train = parse_args(["--flavor", "debug", "--mock-data", "--bf16", "--fp8-format", "hybrid",
+                        "--fp8-recipe", "tensorwise"], world_size=1)
+    gpu = runtime_settings(train, "te", cuda=True)
+    assert gpu["model"] == dict(
+        use_cpu_initialization=False, bias_activation_fusion=True, bias_dropout_fusion=True,
+        masked_softmax_fusion=True, apply_rope_fusion=True, cross_entropy_loss_fusion=True,
+        gradient_accumulation_fusion=True, fp8_recipe="tensorwise")
+    assert gpu["ddp"] == dict(overlap_grad_reduce=True, overlap_param_gather=True)
+    local_gpu = runtime_settings(train, "local", cuda=True, apex=False)["model"]
+    assert local_gpu["apply_rope_fusion"] is False and local_gpu["gradient_accumulation_fusion"] is False
+    cpu = runtime_settings(parse_args(["--flavor", "debug", "--mock-data"], world_size=1), "local", cuda=False)
+    assert cpu["ddp"] == dict(overlap_grad_reduce=False, overlap_param_gather=False)
+    assert cpu["model"]["use_cpu_initialization"] is True and not any(
+        v for k, v in cpu["model"].items() if k != "use_cpu_initialization")
+    off = parse_args(["--flavor", "debug", "--mock-data", "--fused-kernels", "off",
+                      "--overlap-grad-reduce", "off"], world_size=1)
+    assert not runtime_settings(off, "te", cuda=True)["model"]["bias_activation_fusion"]
+    with pytest.raises(ConfigError, match="--fused-kernels on"):
+        runtime_settings(parse_args(["--flavor", "debug", "--mock-data", "--fused-kernels", "on"],
+                                    world_size=1), "local", cuda=False)
+    # Flavors themselves stay CPU-safe.
+    cfg = get_flavor("lm2-8b")
+    assert cfg.use_cpu_initialization and not cfg.gradient_accumulation_fusion and cfg.params_dtype == torch.float32
