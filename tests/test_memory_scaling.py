@@ -89,7 +89,7 @@ def test_recall_tasks_answer_from_chunk_zero_only(name, kw):
 
 
 def test_twohop_story_is_babilong_qa2_and_answer_is_its_target():
-    ids, obj, place = twohop_story(5)
+    ids, obj, place = twohop_story(5, 56)
     words = {i: w for w, i in ms_twohop_ids().items()}
     # Re-derive the story from the generator and check the tokens spell it.
     import random
@@ -100,10 +100,11 @@ def test_twohop_story_is_babilong_qa2_and_answer_is_its_target():
             break
     assert [words[i] for i in ids] == text
     assert words[place] == target.lower() and words[obj] == question.rstrip("?").split()[-1]
-    spec = TaskSpec("twohop", 64)
+    spec = TaskSpec("twohop", 128)
     batch = make_batch(spec, 4, 0)
     rows, _, labels, cols = _asked(batch, spec)
-    assert len(rows) == 4 and bool((cols >= 64).all())
+    assert len(rows) == 4 and bool((cols >= 128).all())
+    assert int(batch.fact_mask[:, 128:].sum()) == 0 and 40 <= int(batch.fact_mask[0].sum()) <= 96
     assert {words[int(v)] for v in labels} <= set(babilong_gen.PLACES)
 
 
