@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_lm2.cli_args import ArgumentParser
 from megatron_lm2.cli_errors import UserInputError, cli_entry
 from megatron_lm2.preprocess.blend import parse_weights, write_blend
 from megatron_lm2.preprocess.pipeline import PreprocessConfig, RankStats, run
@@ -23,7 +24,7 @@ from megatron_lm2.tokenizer.encoders import FAST_ENCODERS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lm2-preprocess",
         description="Tokenize SmolLM-corpus parquet or jsonl(.gz/.zst) into Megatron-core indexed shards "
                     "(.bin/.idx) with a manifest; resumable, parallel, multi-node with mpiexec.",
@@ -69,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value, ok in (("--shard-tokens", args.shard_tokens, args.shard_tokens >= 1),
                             ("--rows-per-task", args.rows_per_task, args.rows_per_task >= 1),
                             ("--workers", args.workers, args.workers is None or args.workers >= 0),
-                            ("--verify-mb", args.verify_mb, 0 <= args.verify_mb < float("inf"))):
+                            ("--verify-mb", args.verify_mb, 0 < args.verify_mb < float("inf"))):
         if not ok:
-            raise UserInputError(f"{flag} {value}: must be {'>= 0' if flag in ('--workers', '--verify-mb') else '>= 1'}")
+            need = {"--workers": ">= 0", "--verify-mb": "> 0 (to skip the fast encoder, use --encoder hf)"}
+            raise UserInputError(f"{flag} {value}: must be {need.get(flag, '>= 1')}")
     blend = None if args.blend == "none" else parse_weights(args.blend)
     cfg = PreprocessConfig(
         inputs=args.input, output=args.output, tokenizer=args.tokenizer, eod_token=args.eod_token,

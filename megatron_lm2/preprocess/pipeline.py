@@ -26,7 +26,8 @@ from megatron_lm2.preprocess.manifest import build_manifest, check_or_write_run,
 from megatron_lm2.preprocess.readers import InputFile, discover_inputs, iter_tasks
 from megatron_lm2.preprocess.shards import FileSharder, load_state
 from megatron_lm2.tokenizer import TokenizerError, load_tokenizer
-from megatron_lm2.tokenizer.encoders import FAST_ENCODERS, EncoderUnavailable, fast_encoder, reference_encoder
+from megatron_lm2.tokenizer.encoders import (FAST_ENCODERS, EncoderUnavailable, fast_encoder, library_version,
+                                             reference_encoder)
 
 
 class EncoderMismatch(TokenizerError):
@@ -232,9 +233,7 @@ def _process(cfg, tokenizer, dtype, files, mine, out_dir, workers, start_method,
                 verdict = verdict.result() if pool is not None else verdict
                 use_fast = verdict["result"] == "equal"
                 if fast_label is None:
-                    from megatron_lm2.tokenizer.encoders import _version
-
-                    fast_label = f"{fast_name} {_version(fast_name)}"
+                    fast_label = f"{fast_name} {library_version(fast_name)}"
                 verdict = {"encoder": fast_label, "reference": ref_name, **verdict}
                 if not use_fast and cfg.encoder != "auto":
                     raise EncoderMismatch(

@@ -18,6 +18,10 @@ The whole API::
 A ``Tokenizer`` carries ``vocab_size``, ``eod``, ``pad`` and ``unique_identifiers``, so it can be
 given to ``GPTDatasetConfig(tokenizer=...)`` as is.
 
+Bulk encoding for preprocessing lives in ``megatron_lm2.tokenizer.encoders``: the reference encoder
+(this module's ``encode_batch``) and optional fast ones (fastokens), each ``encode_flat(texts) ->
+(ids, lengths)``; ``lm2-preprocess`` uses a fast one only where it was checked equal on the data.
+
 End-of-document id: an explicit ``eod_token`` wins; otherwise the first of ``<|endoftext|>``
 (SmolLM, GPT-2), ``<|end_of_text|>`` (Llama-3), ``</s>``, ``<eos>`` present in the vocabulary, or
 the SentencePiece model's ``eos_id``.
