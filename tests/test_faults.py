@@ -9,6 +9,7 @@ the validation loss by memory chunk."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -197,6 +198,39 @@ def test_flipped_bytes_are_refused_naming_the_file_and_fallback_resumes(run_dir,
     records = _train_records(os.path.join(directory, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # steps 3, 4 once, from the rerun
     assert {r["step"]: r["loss"] for r in records} == expected
+
+
+def _train_in_world(argv):
+    import torch.distributed as dist
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    Trainer(parse_args(argv, world_size=dist.get_world_size())).run()
+    return dist.get_rank()
+
+
+def test_two_ranks_hash_and_verify_every_file(tmp_path):
+    """DP2: the ranks split the hashing; the record lists every file of both ranks, and the
+    split verification of a resumed run refuses a file the other rank hashed."""
+    from megatron_lm2.training.integrity import INTEGRITY_FILE, file_digest, read_record, verify
+
+    directory = str(tmp_path / "ckpt")
+    argv = COMMON + ["--train-iters", "2", "--save", directory]
+    run_distributed(_train_in_world, 2, argv)
+    checkpoint = os.path.join(directory, "iter_0000002")
+    record = read_record(checkpoint)
+    files = sorted(f for f in os.listdir(checkpoint) if f != INTEGRITY_FILE)
+    assert sorted(record["files"]) == files and sum(f.endswith(".distcp") for f in files) >= 2
+    assert all(record["files"][f]["sha256"] == file_digest(os.path.join(checkpoint, f)) for f in files)
+    assert record["known_good"] is True and verify(checkpoint) is None
+    last = os.path.join(checkpoint, files[1])  # the second rank's share: files[1::2]
+    with open(last, "r+b") as handle:
+        byte = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(Exception, match=re.escape(f"{last}: sha256 does not match")):
+        run_distributed(_train_in_world, 2, COMMON + ["--train-iters", "4", "--save", directory])
 
 
 def test_truncated_shard_is_refused_naming_the_file(run_dir, tmp_path):
