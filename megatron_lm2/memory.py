@@ -603,10 +603,14 @@ class LM2Memory(MegatronModule):
         return state_dict
 
     def _fuse_gates(self, state_dict, prefix, *args):
-        """load_state_dict pre-hook: the two gates' tensors back into the fused GEMM."""
+        """load_state_dict pre-hook: the two gates' tensors back into the fused GEMM (or, from a
+        dist checkpoint, the already fused tensor under the input gate's name)."""
         for suffix in ("weight", "bias"):
             names = [f"{prefix}{name}.{suffix}" for name in self._GATE_NAMES]
-            if all(n in state_dict for n in names):
+            first = state_dict.get(names[0])
+            if names[1] not in state_dict and first is not None and first.shape[0] == 2 * self.local_hidden:
+                state_dict[f"{prefix}linear_gates.{suffix}"] = state_dict.pop(names[0])
+            elif all(n in state_dict for n in names):
                 state_dict[f"{prefix}linear_gates.{suffix}"] = torch.cat(
                     [state_dict.pop(n) for n in names], dim=0
                 )
@@ -644,13 +648,16 @@ class LM2Memory(MegatronModule):
         for suffix in ("weight", "bias"):
             original = child.get(f"{prefix}linear_gates.{suffix}")
             if isinstance(original, ShardedTensor):
-                result[f"{prefix}linear_gates.{suffix}"] = _split_gates_factory(original, sharded_offsets)
+                # Under the input gate's state-dict name (what state_dict() calls the first half),
+                # so code that loads `{k: loaded[k] for k in model.state_dict()}` finds it; on load
+                # it holds both gates, which _fuse_gates recognises by its row count.
+                result[f"{prefix}linear_in_gate.{suffix}"] = _split_gates_factory(original, sharded_offsets)
         extra = child.get(f"{prefix}linear_gates._extra_state")
         if isinstance(extra, ShardedObject):
             # TE's FP8 metadata: stored under the input gate's key (the old layout's name).
             extra.key = extra.key.replace("linear_gates._extra_state", "linear_in_gate._extra_state")
         if extra is not None:
-            result[f"{prefix}linear_gates._extra_state"] = extra
+            result[f"{prefix}linear_in_gate._extra_state"] = extra  # state_dict()'s name for it
         return result
 
 
