@@ -92,8 +92,21 @@ def assign_files(files: list[InputFile], rank: int, world: int) -> list[int]:
     return [i for i in range(len(files)) if owner[i] == rank]
 
 
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc raises its mmap threshold after each large free, so the multi-MB task buffers end up
+    on the heap, which fragments and keeps growing over a long stream; a fixed threshold keeps
+    them in mmap'd blocks that go back to the OS when freed (workers inherit it on fork)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def run(cfg: PreprocessConfig) -> tuple[dict | None, RankStats]:
     """Preprocess; returns (manifest on rank 0 else None, this rank's stats)."""
+    _fixed_mmap_threshold()
     comm = mpi_comm()
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
 

@@ -145,7 +145,7 @@ def open_jsonl(path: str) -> io.BufferedIOBase:
 
 
 def iter_tasks(file_index: int, f: InputFile, start_row: int, rows_per_task: int,
-               max_task_bytes: int = 16 << 20, json_key: str = "text") -> Iterator[Task]:
+               max_task_bytes: int = 4 << 20, json_key: str = "text") -> Iterator[Task]:
     """Tasks covering rows ``start_row..end`` of one input file, in order."""
     if f.kind == "parquet":
         yield from _parquet_tasks(file_index, f, start_row, rows_per_task, json_key)
