@@ -498,7 +498,7 @@ def report_text(runs: list[dict]) -> str:
         # A run stopped early at its target keeps its last accuracy: report the best seen.
         best = [100 * r["best_accuracy"] for r in rs]
         ablated = [100 * r["without_facts_accuracy"] for r in rs if "without_facts_accuracy" in r]
-        budget = rs[0]["steps"]
+        budget = rs[0].get("partial_at", rs[0]["steps"])  # a partial run: not reached *so far*
         lines.append(
             f"| {_task_name(rs[0])} | {key[3]} | {key[4]} | {key[5]} | {len(rs)} "
             f"({','.join(str(r['seed']) for r in rs)}) | {statistics.median(best):.1f} [{min(best):.1f}, {max(best):.1f}]"
