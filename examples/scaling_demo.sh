@@ -7,7 +7,8 @@
 #   bash examples/scaling_demo.sh
 #
 # Environment: LM2_SCALING_DEMO_DIR (default runs/scaling_demo), LM2_SCALING_DEMO_JOBS (runs at
-# a time, default 2), LM2_PYTHON (interpreter; default tools/setup_venv.sh's .venv).
+# a time, default 2), LM2_SCALING_DEMO_WIDTHS ("[32, 48, 64, 96, 128]"), LM2_SCALING_DEMO_BUDGETS
+# ("[3e10, 1e11, 3e11]" FLOPs), LM2_PYTHON (interpreter; default tools/setup_venv.sh's .venv).
 # Re-running resumes: finished runs are skipped, interrupted ones resume from their checkpoint.
 # What this cannot show: the models are 0.1-1 M parameters trained for seconds on a 1.3 M-token
 # synthetic corpus; the numbers exercise the pipeline, they are not scaling laws of LM2.
@@ -15,6 +16,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${LM2_SCALING_DEMO_DIR:-$root/runs/scaling_demo}"
 jobs="${LM2_SCALING_DEMO_JOBS:-2}"
+widths="${LM2_SCALING_DEMO_WIDTHS:-[32, 48, 64, 96, 128]}"
+budgets="${LM2_SCALING_DEMO_BUDGETS:-[3e10, 1e11, 3e11]}"
 started=$SECONDS
 if [ -n "${LM2_PYTHON:-}" ]; then
   py="$LM2_PYTHON"
@@ -48,7 +51,7 @@ seq_length = 128
 
 [ladder]
 knob = "width"
-values = [32, 48, 64, 96, 128]
+values = $widths
 aspect_ratio = 16
 head_dim = 16
 ffn_ratio = 4.0
@@ -63,8 +66,8 @@ chunks_per_sequence = 2
 layers = "all"
 
 [isoflop]
-budgets = [1e11, 3e11, 1e12]
-min_tokens_per_parameter = 0.05
+budgets = $budgets
+min_tokens_per_parameter = 0.001
 max_tokens_per_parameter = 1000
 
 [schedule]
@@ -73,9 +76,9 @@ lr_max = 3e-3
 batch_min_sequences = 8
 batch_max_sequences = 32
 warmup_fraction = 0.05
-min_steps = 20
-evals_per_run = 5
-eval_iters = 4
+min_steps = 10
+evals_per_run = 4
+eval_iters = 2
 log_interval = 10
 
 [cluster]

@@ -168,8 +168,9 @@ def test_runs_that_fit_no_layout_are_dropped_with_the_reason(tmp_path):
     reasons = {d.id: d.reason for d in plan.dropped}
     assert "does not fit in memory" in reasons["tok-lm2-w8192-1e10"], reasons
     assert {r.id for r in plan.runs} == {"tok-lm2-w1024-1e10", "tok-vanilla-w1024-1e10"}
-    slow = plan_sweep(write_sweep(tmp_path, values="[1024]", budgets="[1e21]", nodes=2, max_hours=1.0))
-    assert slow.runs == [] and "max_hours 1" in slow.dropped[0].reason
+    slow = plan_sweep(write_sweep(tmp_path, values="[1024]", budgets="[2e20]", nodes=2, max_hours=1.0))
+    assert slow.runs == [] and len(slow.dropped) == 2
+    assert all("on all 2 nodes at 40% MFU (> max_hours 1)" in d.reason for d in slow.dropped), slow.dropped
 
 
 def test_dry_run_prints_the_sweep_and_writes_nothing(tmp_path, capsys):

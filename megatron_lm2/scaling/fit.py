@@ -17,9 +17,10 @@ multiplier.
 * held out: the largest rung of each family is left out of a second parametric fit, whose
   predictions for it are compared with its measured losses.
 * multiplier: at each LM2 budget with an interior minimum, the vanilla compute that reaches
-  LM2's optimal loss on vanilla's frontier log L*(C) = p + q log C, divided by LM2's compute
-  (> 1: LM2 needs less compute for the same loss). With fewer than two interior vanilla
-  minima the frontier uses the lowest loss per budget instead, and says so.
+  LM2's optimal loss on vanilla's frontier of optimal losses (piecewise linear in log L vs
+  log C through vanilla's interior vertices, extrapolated along its end segments), divided by
+  LM2's compute (> 1: LM2 needs less compute for the same loss). With fewer than two interior
+  vanilla minima the frontier goes through the lowest loss per budget instead, and says so.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class IsoflopFit:
     d_law: Optional[Tuple[float, float]]
     frontier: Optional[Tuple[float, float]]  # (p, q): log L* = p + q log C
     frontier_kind: str  # "vertices" | "lowest loss per budget"
+    lowest_losses: Dict[float, float] = field(default_factory=dict)
 
 
 def isoflop_groups(points: List[Point], family: str) -> Dict[float, List[Point]]:
@@ -164,20 +166,47 @@ def fit_isoflop(groups: Dict[float, List[Point]], family: str,
         frontier, kind = (float(p), float(q)), "lowest loss per budget"
     else:
         frontier, kind = None, "none"
-    return IsoflopFit(family, n_par, d_par, n_law, d_law, frontier, kind)
+    return IsoflopFit(family, n_par, d_par, n_law, d_law, frontier, kind, dict(lows))
+
+
+def compute_for_loss(loss: float, budgets: Sequence[float], losses: Sequence[float]) -> Optional[float]:
+    """The compute at which a frontier through (budget, optimal loss) points reaches `loss`:
+    piecewise linear in (log L, log C), extrapolated along the end segments; None with fewer
+    than two points or a frontier that does not fall."""
+    order = np.argsort(losses)[::-1]  # loss decreasing = compute increasing
+    x = np.log(np.asarray(losses, float)[order])[::-1]  # increasing log L
+    y = np.log(np.asarray(budgets, float)[order])[::-1]
+    if len(x) < 2 or np.any(np.diff(x) <= 0) or np.any(np.diff(y) >= 0):
+        return None
+    t = math.log(loss)
+    if t < x[0]:
+        slope = (y[1] - y[0]) / (x[1] - x[0])
+        return float(math.exp(y[0] + slope * (t - x[0])))
+    if t > x[-1]:
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        return float(math.exp(y[-1] + slope * (t - x[-1])))
+    return float(math.exp(np.interp(t, x, y)))
+
+
+def frontier_points(fit: IsoflopFit) -> Tuple[List[float], List[float]]:
+    """(budgets, optimal losses): the interior vertices, or (fewer than two) the lowest losses."""
+    good = [p for p in fit.n_parabolas if not p.flag]
+    if len(good) >= 2:
+        return [p.budget for p in good], [p.loss_at_vertex for p in good]
+    return list(fit.lowest_losses), [fit.lowest_losses[b] for b in fit.lowest_losses]
 
 
 def multipliers(lm2: IsoflopFit, vanilla: IsoflopFit) -> Dict[float, float]:
-    """{LM2 budget: vanilla compute for LM2's optimal loss / LM2 compute}."""
-    if vanilla.frontier is None:
-        return {}
-    p, q = vanilla.frontier
+    """{LM2 budget: vanilla compute for LM2's optimal loss / LM2 compute}, the vanilla compute
+    read off vanilla's frontier of optimal losses (piecewise linear in log-log)."""
+    budgets, losses = frontier_points(vanilla)
     out = {}
     for par in lm2.n_parabolas:
-        if par.flag or q >= 0:
+        if par.flag:
             continue
-        compute_vanilla = math.exp((math.log(par.loss_at_vertex) - p) / q)
-        out[par.budget] = compute_vanilla / par.budget
+        compute = compute_for_loss(par.loss_at_vertex, budgets, losses)
+        if compute is not None:
+            out[par.budget] = compute / par.budget
     return out
 
 
@@ -338,7 +367,7 @@ def bootstrap_isoflop(groups_by_family: Dict[str, Dict[float, List[Point]]], fit
             p_v, q_v = _masked_slope(log_c, np.log(l_star), n_ok)
             p_l, q_l = _masked_slope(log_c, np.log(lowest), np.isfinite(lowest))
         use_v = n_ok.sum(axis=1) >= 2
-        per_family[family] = dict(budgets=budgets, n_star=np.exp(n_star), n_ok=n_ok, l_star=l_star,
+        per_family[family] = dict(budgets=budgets, n_star=np.exp(n_star), n_ok=n_ok, l_star=l_star, lowest=lowest,
                                   n_exp=n_exp, d_exp=d_exp, p=np.where(use_v, p_v, p_l), q=np.where(use_v, q_v, q_l))
     out = {}
     for family, f in per_family.items():
@@ -349,10 +378,19 @@ def bootstrap_isoflop(groups_by_family: Dict[str, Dict[float, List[Point]]], fit
     if "lm2" in per_family and "vanilla" in per_family:
         lm2, van = per_family["lm2"], per_family["vanilla"]
         for j, budget in enumerate(lm2["budgets"]):
-            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                c_v = np.exp((np.log(lm2["l_star"][:, j]) - van["p"]) / van["q"])
-            ok = lm2["n_ok"][:, j] & (van["q"] < 0) & np.isfinite(c_v)
-            out["lm2"]["multiplier"][float(budget)] = interval(c_v[ok] / budget, level)
+            values = []
+            for k in range(samples):
+                if not lm2["n_ok"][k, j]:
+                    continue
+                ok = van["n_ok"][k]
+                if ok.sum() >= 2:
+                    front_c, front_l = van["budgets"][ok], van["l_star"][k, ok]
+                else:
+                    front_c, front_l = van["budgets"], van["lowest"][k]
+                compute = compute_for_loss(lm2["l_star"][k, j], front_c, front_l)
+                if compute is not None:
+                    values.append(compute / budget)
+            out["lm2"]["multiplier"][float(budget)] = interval(values, level)
     return out
 
 

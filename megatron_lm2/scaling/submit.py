@@ -146,6 +146,7 @@ def run_local(plan: SweepPlan, jobs: int = 1, threads: int = 1, python: Optional
     python = python or sys.executable
     todo = []
     for run in plan.runs:
+        write_run_args(run)  # the flags of every run are on disk, as with the slurm arrays
         if is_finished(run):
             log(f"[lm2-sweep] {run.id}: finished, skipped")
             continue
@@ -174,7 +175,6 @@ def run_local(plan: SweepPlan, jobs: int = 1, threads: int = 1, python: Optional
             time.sleep(0.5)
 
     for i, (run, command) in enumerate(todo):
-        write_run_args(run)
         reap(block=True)
         handle = open(os.path.join(run.run_dir, "train.log"), "a")
         log(f"[lm2-sweep] {run.id}: starting ({i + 1}/{len(todo)}, {run.steps} steps)")
