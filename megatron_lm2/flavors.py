@@ -216,14 +216,15 @@ def llama_8b(**overrides) -> LM2Config:
 
 @cli_entry("lm2-flavors")
 def main(argv=None) -> int:
-    """`lm2-flavors`: the registry as a table (parameters from the config; FLOPs per token). A
+    """`lm2-flavors`: the registry as a table (parameters from the config; training FLOPs per
+    token as executed: GPU = TE's flash attention, CPU = the local spec; accounting.py). A
     bad flag ends with one line and exit code 2."""
     from megatron_lm2.accounting import flops_per_token, format_count, num_parameters
     from megatron_lm2.cli_args import ArgumentParser
 
     parser = ArgumentParser(prog="lm2-flavors", description="List the model flavors and their sizes.")
     parser.parse_args(argv)
-    header = f"{'flavor':<16}{'layers':>7}{'d':>6}{'mem layers':>11}{'base':>9}{'memory':>9}{'total':>9}{'TFLOP/tok':>11}"
+    header = f"{'flavor':<16}{'layers':>7}{'d':>6}{'mem layers':>11}{'base':>9}{'memory':>9}{'total':>9}{'GFLOP/tok':>11}{'(CPU)':>8}"
     print(header)
     print("-" * len(header))
     for name in list_flavors():
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
         print(
             f"{name:<16}{cfg.num_layers:>7}{cfg.hidden_size:>6}{len(cfg.memory_layer_numbers):>11}"
             f"{format_count(count.base):>9}{format_count(count.memory):>9}"
-            f"{format_count(count.total):>9}{flops_per_token(cfg) / 1e12:>11.4f}"
+            f"{format_count(count.total):>9}{flops_per_token(cfg) / 1e9:>11.2f}"
+            f"{flops_per_token(cfg, kernel='local') / 1e9:>8.2f}"
         )
     return 0
 
