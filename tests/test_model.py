@@ -294,3 +294,22 @@ def test_runtime_settings_follow_the_hardware():
     # Flavors themselves stay CPU-safe.
     cfg = get_flavor("lm2-8b")
     assert cfg.use_cpu_initialization and not cfg.gradient_accumulation_fusion and cfg.params_dtype == torch.float32
+
+
+def test_refused_fusions_are_dropped_under_auto():
+    """megatron-core refuses fused RoPE where its kernel is missing (here: no TE); auto drops
+    it and keeps the rest, `--fused-kernels on` makes it an error."""
+    from megatron_lm2.training.build import apply_runtime_settings
+
+    settings = dict(model=dict(apply_rope_fusion=True, bias_activation_fusion=True))
+    cfg = get_flavor("debug")
+    try:
+        cfg.replace(apply_rope_fusion=True)
+        pytest.skip("this machine's megatron-core accepts fused RoPE")
+    except (ValueError, AssertionError, ImportError):
+        pass
+    applied = apply_runtime_settings(cfg, settings)
+    assert applied == dict(apply_rope_fusion=False, bias_activation_fusion=True)
+    assert cfg.bias_activation_fusion is True and cfg.apply_rope_fusion is False
+    with pytest.raises(ConfigError, match="apply_rope_fusion"):
+        apply_runtime_settings(get_flavor("debug"), settings, strict=True)

@@ -99,18 +99,35 @@ def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex: bool = 
     return dict(model=model, ddp=ddp)
 
 
-def apply_runtime_settings(config: LM2Config, settings: dict) -> None:
+# Fusions megatron-core may refuse for this machine (e.g. fused RoPE needs a TE with it), the
+# most optional first: under --fused-kernels auto they are dropped one by one until it accepts.
+_OPTIONAL_FUSIONS = ("apply_rope_fusion", "cross_entropy_loss_fusion", "masked_softmax_fusion",
+                     "bias_dropout_fusion", "bias_activation_fusion")
+
+
+def apply_runtime_settings(config: LM2Config, settings: dict, strict: bool = False) -> dict:
     """Set the runtime fields on the run's config in place (the trainer, the schedules and the
-    models share that object), validated first by building a copy with them."""
-    config.replace(**settings["model"])  # LM2Config/TransformerConfig checks (e.g. fused RoPE needs TE)
-    for name, value in settings["model"].items():
+    models share that object), validated first by building a copy with them. Returns the fields
+    set. strict (--fused-kernels on): a refused fusion is an error instead of dropped."""
+    model = dict(settings["model"])
+    optional = [name for name in _OPTIONAL_FUSIONS if model.get(name)]
+    while True:
+        try:
+            config.replace(**model)  # LM2Config/TransformerConfig checks
+            break
+        except (ValueError, AssertionError, ImportError) as error:
+            if strict or not optional:
+                raise ConfigError(f"runtime settings {model}: {error}") from None
+            model[optional.pop(0)] = False
+    for name, value in model.items():
         setattr(config, name, value)
+    return model
 
 
 def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[DistributedDataParallel]:
     backend = transformer_backend(train)
     settings = runtime_settings(train, backend, cuda_available(), _apex_gradient_accumulation_fusion())
-    apply_runtime_settings(config, settings)
+    apply_runtime_settings(config, settings, strict=getattr(train, "fused_kernels", "auto") == "on")
     vpp = train.virtual_pipeline_model_parallel_size
     if vpp and train.pipeline_model_parallel_size > 1:
         chunks = [build_model(config, backend, vp_stage=i) for i in range(vpp)]
