@@ -537,3 +537,18 @@ def test_fit_cli_names_the_bad_column(tmp_path, capsys):
     open(tmp_path / "bad2.csv", "w").write("\n".join(lines) + "\n")
     assert main(["fit", str(tmp_path / "bad2.csv")]) == 2
     assert "row 4 (vanilla-1e+18-2): final_val_loss='nan-ish' is not a number" in capsys.readouterr().err
+
+
+def test_wsd_schedule_reaches_lm2_train(tmp_path):
+    from megatron_lm2.scaling.plan import plan_sweep
+    from megatron_lm2.training.config import parse_args
+
+    text = BASE_TOML.format(values="[512, 768, 1024]", budgets="[1e19]", nodes=1, max_hours=24, extra="")
+    text = text.replace("[data]", "[schedule]\ndecay_style = 'WSD'\nwsd_decay_fraction = 0.25\n[data]")
+    plan = plan_sweep(write_sweep(tmp_path, text=text))
+    assert plan.runs
+    for run in plan.runs:
+        i = run.args.index("--lr-decay-style")
+        assert run.args[i:i + 4] == ["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", str(round(0.25 * run.steps))]
+        train = parse_args([*run.args, "--dry-run"])
+        assert (train.lr_decay_style, train.wsd_decay_iters()) == ("WSD", round(0.25 * run.steps))
