@@ -189,6 +189,14 @@ class _WeightColumnsT(torch.autograd.Function):
         return full, None, None
 
 
+def _in_torch_checkpoint() -> bool:
+    """Inside torch.utils.checkpoint's non-reentrant forward or recomputation: there the
+    tensors autograd keeps are the checkpoint's (recomputed on unpack), and the refill hook
+    on a recomputed output would never fire, so nothing may be released."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return bool(hooks) and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
+
+
 class _GateHalf:
     """Read-only view of one gate inside the fused gate GEMM (`memory.linear_in_gate.weight`
     keeps working for code that inspects the gates)."""
@@ -376,7 +384,7 @@ class LM2Memory(MegatronModule):
         # (elementwise, from tensors autograd keeps anyway) when backward reaches this module.
         # Training only: with carried banks a later call could backprop into this call's
         # write without passing through its output, where the refill hook sits.
-        releasing = torch.is_grad_enabled() and not self.carry
+        releasing = torch.is_grad_enabled() and not self.carry and not _in_torch_checkpoint()
         released: list = []
         recompute_bank = None
         reads, write_logits = [], []

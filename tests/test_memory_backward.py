@@ -180,3 +180,16 @@ def test_gate_statistics_only_when_asked():
     with record_gate_stats(module):
         module(tokens[:16])  # two chunks: only chunk 0 is written
     assert gate_stats(module)[1]["in"] == pytest.approx(first_chunk_mean, abs=1e-6)  # fp32 means
+
+
+def test_inside_torch_checkpoint_gradients_are_unchanged():
+    """torch.utils.checkpoint (non-reentrant) recomputes the forward from its own saved-tensor
+    hooks; the module releases nothing there, and its gradients equal the plain backward's."""
+    _, module = _memory()
+    tokens = torch.randn(40, 2, D, dtype=torch.float64, requires_grad=True)
+    (plain,) = torch.autograd.grad(module(tokens)[0].square().sum(), tokens)
+    # Without early stop the recomputation runs the whole forward, release code included.
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        out = torch.utils.checkpoint.checkpoint(lambda t: module(t)[0], tokens, use_reentrant=False)
+        (checkpointed,) = torch.autograd.grad(out.square().sum(), tokens)
+    assert torch.equal(plain, checkpointed)
