@@ -107,14 +107,13 @@ def parabola(budget: float, x: np.ndarray, y: np.ndarray) -> Parabola:
         return Parabola(budget, (math.nan,) * 3, None, None, f"{len(np.unique(x))} sizes (< 3)")
     c0, c1, c2 = np.polyfit(x, y, 2)
     lowest = int(np.argmin(y))
-    edge = x[lowest] in (x.min(), x.max())
-    if c0 <= 0:
-        return Parabola(budget, (c0, c1, c2), None, None, "no minimum (parabola opens downwards)")
-    xv = -c1 / (2 * c0)
     flag = ""
-    if edge:
+    if x[lowest] in (x.min(), x.max()):
         flag = "lowest loss at the grid's " + ("smallest" if x[lowest] == x.min() else "largest") + " size"
-    elif not x.min() <= xv <= x.max():
+    if c0 <= 0:
+        return Parabola(budget, (c0, c1, c2), None, None, flag or "no minimum (parabola opens downwards)")
+    xv = -c1 / (2 * c0)
+    if not flag and not x.min() <= xv <= x.max():
         flag = "vertex outside the grid"
     return Parabola(budget, (c0, c1, c2), float(np.exp(xv)), float(c2 - c1 ** 2 / (4 * c0)), flag)
 
@@ -194,6 +193,19 @@ def frontier_points(fit: IsoflopFit) -> Tuple[List[float], List[float]]:
     if len(good) >= 2:
         return [p.budget for p in good], [p.loss_at_vertex for p in good]
     return list(fit.lowest_losses), [fit.lowest_losses[b] for b in fit.lowest_losses]
+
+
+def best_run_multipliers(lm2: IsoflopFit, vanilla: IsoflopFit) -> Dict[float, float]:
+    """The fallback when no LM2 budget has an interior minimum: LM2's lowest loss per budget on
+    vanilla's frontier of lowest losses. It compares the best runs of two grids, not
+    compute-optimal models, and is reported under that name."""
+    budgets, losses = list(vanilla.lowest_losses), list(vanilla.lowest_losses.values())
+    out = {}
+    for budget, loss in lm2.lowest_losses.items():
+        compute = compute_for_loss(loss, budgets, losses)
+        if compute is not None:
+            out[budget] = compute / budget
+    return out
 
 
 def multipliers(lm2: IsoflopFit, vanilla: IsoflopFit) -> Dict[float, float]:
@@ -391,6 +403,11 @@ def bootstrap_isoflop(groups_by_family: Dict[str, Dict[float, List[Point]]], fit
                 if compute is not None:
                     values.append(compute / budget)
             out["lm2"]["multiplier"][float(budget)] = interval(values, level)
+        out["lm2"]["best_run_multiplier"] = {}
+        for j, budget in enumerate(lm2["budgets"]):
+            values = [c / budget for k in range(samples)
+                      if (c := compute_for_loss(lm2["lowest"][k, j], van["budgets"], van["lowest"][k])) is not None]
+            out["lm2"]["best_run_multiplier"][float(budget)] = interval(values, level)
     return out
 
 
@@ -404,6 +421,7 @@ class Study:
     holdout: Dict[str, dict]
     multiplier: Dict[float, float]
     notes: List[str] = field(default_factory=list)
+    best_run_multiplier: Dict[float, float] = field(default_factory=dict)
 
 
 def holdout_check(points: List[Point]) -> dict:
@@ -447,9 +465,12 @@ def run_study(points: List[Point], samples: int = 200, seed: int = 0, level: flo
         holdout[family] = holdout_check(pts)
     iso_ci = bootstrap_isoflop(groups_by_family, iso, samples, rng, level) if samples and iso else {}
     mult = multipliers(iso["lm2"], iso["vanilla"]) if "lm2" in iso and "vanilla" in iso else {}
+    best_run = {}
     if "lm2" in iso and "vanilla" in iso and not mult:
-        notes.append("no compute multiplier: no LM2 budget has an interior minimum, or vanilla has no frontier")
-    return Study(iso, parametric, par_ci, iso_ci, holdout, mult, notes)
+        notes.append("no compute-optimal multiplier: no LM2 budget has an interior minimum (or vanilla has no "
+                     "frontier); the best-run multiplier below compares the grids' best runs instead")
+        best_run = best_run_multipliers(iso["lm2"], iso["vanilla"])
+    return Study(iso, parametric, par_ci, iso_ci, holdout, mult, notes, best_run)
 
 
 def _ci(pair) -> str:
@@ -492,6 +513,11 @@ def format_study(study: Study, level: float = 0.90) -> str:
         lines.append("== LM2-vs-vanilla compute multiplier (vanilla compute for LM2's optimal loss / LM2 compute)")
         for budget, value in sorted(study.multiplier.items()):
             lines.append(f"  C {budget:.3g}: {value:.3f}x  {pct} {_ci(ci.get(budget))}")
+    if study.best_run_multiplier:
+        ci = study.isoflop_intervals.get("lm2", {}).get("best_run_multiplier", {})
+        lines.append("== LM2-vs-vanilla BEST-RUN multiplier (grids' lowest losses; NOT compute-optimal: edge minima)")
+        for budget, value in sorted(study.best_run_multiplier.items()):
+            lines.append(f"  C {budget:.3g}: {value:.3f}x  {pct} {_ci(ci.get(budget))}")
     for note in study.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -510,4 +536,5 @@ def study_json(study: Study) -> dict:
                                for k, val in ci.items()} for f, ci in study.isoflop_intervals.items()},
         parametric={f: p.as_dict() for f, p in study.parametric.items()},
         parametric_intervals=study.parametric_intervals, holdout=study.holdout,
-        multiplier={str(b): v for b, v in study.multiplier.items()}, notes=study.notes)
+        multiplier={str(b): v for b, v in study.multiplier.items()},
+        best_run_multiplier={str(b): v for b, v in study.best_run_multiplier.items()}, notes=study.notes)

@@ -73,6 +73,9 @@ def plot_loss_vs_compute(points: List[Point], study: Study, path: str) -> str:
     if study.multiplier:
         budget = max(study.multiplier)
         title += f" | LM2 multiplier at C={budget:.2g}: {study.multiplier[budget]:.2f}x"
+    elif study.best_run_multiplier:
+        budget = max(study.best_run_multiplier)
+        title += f" | best-run multiplier at C={budget:.2g}: {study.best_run_multiplier[budget]:.2f}x"
     ax.set_title(title)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -90,10 +93,15 @@ def plot_frontier(study: Study, path: str) -> str:
                 cs = np.logspace(np.log10(min(p.budget for p in parabolas)), np.log10(max(p.budget for p in parabolas)), 20)
                 ax.plot(cs, law[0] * cs ** law[1], color=COLORS.get(family), label=f"{family}: {name} ∝ C^{law[1]:.3f}")
             ax.set_xscale("log")
-            ax.set_yscale("log")
+            if good:
+                ax.set_yscale("log")
             ax.set_xlabel("compute C (FLOPs)")
             ax.set_ylabel(name)
             ax.legend(fontsize=7)
+    for ax in axes:
+        if not ax.collections:
+            ax.text(0.5, 0.5, "no interior isoFLOP minimum\n(every budget flagged)", ha="center", va="center",
+                    transform=ax.transAxes)
     axes[0].set_title("compute-optimal parameters")
     axes[1].set_title("compute-optimal tokens")
     return _save(fig, path)
