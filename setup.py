@@ -42,6 +42,7 @@ setup(
         "dev": [
             "pytest",
             "pytest-timeout",
+            "fastokens>=0.3.5",  # so the suite checks the fast encoder against the reference
             "mpi4py",
             "mpich",
             # CPU pipelines work without a GPU; the test checks DALI batches == default loader's.
