@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The quickstart, one command, no downloads, CPU is enough (about 5 minutes on 2 cores):
-#   generate the embedded synthetic corpus -> tokenize it into Megatron shards -> train the
-#   debug LM2 -> save a checkpoint -> plot the loss curve.
+# The quickstart, one command, no downloads, CPU is enough (about 5 minutes on 2 cores). It walks
+# the whole stack:
+#   synthetic corpus -> Megatron shards -> train the debug LM2 -> dist checkpoint + loss curve
+#   -> export to Hugging Face -> load it with transformers: continue a held-out story and answer
+#   its questions (vs chance) -> a picture of the memory (read attention, gates).
 #
 #   bash examples/quickstart.sh
 #
@@ -25,15 +27,15 @@ echo "[quickstart] python: $py"
 mkdir -p "$out"
 
 if [ ! -f "$out/raw/synthetic.jsonl" ]; then
-  echo "[quickstart] 1/4 generating the synthetic corpus"
+  echo "[quickstart] 1/7 generating the synthetic corpus"
   "$py" -m megatron_lm2.data.synthetic_corpus --out "$out/raw" --documents 400 --seed 1234
 fi
 if [ ! -f "$out/shards/manifest.json" ]; then
-  echo "[quickstart] 2/4 tokenizing into Megatron shards (embedded 2k-token tokenizer)"
+  echo "[quickstart] 2/7 tokenizing into Megatron shards (embedded 2k-token tokenizer)"
   "$py" -m megatron_lm2.preprocess.cli --input "$out/raw/synthetic.jsonl" --json-key text --output "$out/shards"
 fi
 
-echo "[quickstart] 3/4 training the debug LM2 ($steps steps, CPU)"
+echo "[quickstart] 3/7 training the debug LM2 ($steps steps, CPU)"
 MODEL_ARGS=(--flavor debug --seq-length 256 --memory-chunk-size 64)
 TRAINING_ARGS=(--micro-batch-size 4 --global-batch-size 8 --train-iters "$steps"
                --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters "$warmup" --seed 1234)
@@ -42,9 +44,20 @@ OUTPUT_ARGS=(--save "$out/checkpoints" --save-interval 100 --keep-last 2
              --log-interval 10 --eval-interval 100 --eval-iters 2)
 "$py" -m megatron_lm2.train "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${OUTPUT_ARGS[@]}"
 
-echo "[quickstart] 4/4 plotting the loss curve"
+echo "[quickstart] 4/7 plotting the loss curve"
 "$py" -m megatron_lm2.training.plot "$out/checkpoints/metrics.jsonl" --out "$out/loss.png" \
   --title "debug LM2 on the synthetic corpus (CPU)" >/dev/null
+
+echo "[quickstart] 5/7 exporting the checkpoint to Hugging Face (lm2-convert to-hf)"
+"$py" -m megatron_lm2.convert.cli to-hf --load "$out/checkpoints" --save "$out/hf" --tokenizer default \
+  --overwrite >/dev/null
+
+echo "[quickstart] 6/7 loading it with transformers: a continuation and a recall check"
+"$py" "$root/examples/quickstart_check.py" --hf "$out/hf" --out "$out"
+
+echo "[quickstart] 7/7 a picture of the memory on the held-out story (lm2-eval inspect)"
+"$py" -m megatron_lm2.eval.cli inspect --megatron "$out/checkpoints" --text-file "$out/story.txt" \
+  --out "$out/memory" >/dev/null
 
 cat <<DONE
 
@@ -54,4 +67,7 @@ cat <<DONE
   checkpoint   $out/checkpoints/$(cat "$out/checkpoints/latest")  (resume: re-run; 'latest' names it)
   metrics      $out/checkpoints/metrics.jsonl, TensorBoard: $out/checkpoints/tensorboard
   loss curve   $out/loss.png
+  HF export    $out/hf  (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))
+  recall       $out/recall.json
+  memory       $out/memory/read_attention.png, $out/memory/gates.png, $out/memory/memory_report.json
 DONE
