@@ -295,3 +295,36 @@ def test_throughput_mfu_and_gate_groups():
                                     tokens_per_sec_per_gpu=10.0, tflops_per_gpu=0.1, mfu=None,
                                     skipped_steps=0, memory_gates=groups))
     assert "step 3/9" in line and "MFU n/a" in line and "gates L1-2 in 0.500 out 0.300" in line
+
+
+# ------------------------------------------------------------------- gate statistics
+def _gate_logging():
+    from megatron_lm2.memory_state import gate_stats, memory_modules
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(COMMON + ["--train-iters", "4", "--log-interval", "2"]))
+    seen, original = [], trainer.train_step
+
+    def spy():
+        for module in memory_modules(trainer.chunks).values():
+            module.gate_stats = {}
+        result = original()
+        seen.append(gate_stats(trainer.chunks))
+        return result
+
+    trainer.train_step = spy
+    trainer.run()
+    return seen
+
+
+def test_gate_statistics_come_from_the_logged_training_steps():
+    """Training forwards record gate means only on the steps the log shows (they cost a
+    reduction per gate), and those are the step's own: not empty, not an evaluation's, not
+    a stale earlier step's."""
+    seen = run_distributed(_gate_logging, 1)[0]
+    assert seen[0] == {} and seen[2] == {}  # steps 1 and 3 are not logged
+    for stats in (seen[1], seen[3]):
+        assert sorted(stats) == [1, 2, 3, 4]
+        assert all(0.0 < v < 1.0 for gates in stats.values() for v in gates.values())
+    assert seen[1] != seen[3]  # step 4's gates, after two more updates, are new numbers

@@ -17,6 +17,7 @@ depends on nothing but weights, optimizer state and its batch, and resuming need
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -33,10 +34,10 @@ from megatron_lm2.accounting import flops_per_token, num_parameters
 from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.compat import device
 from megatron_lm2.config import ConfigError
-from megatron_lm2.memory_state import gate_stats
+from megatron_lm2.memory_state import gate_stats, record_gate_stats
 from megatron_lm2.model import attention_mask
 from megatron_lm2.training import checkpoint, data, metrics
-from megatron_lm2.training.build import build_model_chunks, build_optimizer
+from megatron_lm2.training.build import build_model_chunks, build_optimizer, transformer_backend
 from megatron_lm2.training.config import TrainConfig
 from megatron_lm2.training.integrity import CheckpointError
 from megatron_lm2.training.signals import ExitSignal
@@ -87,7 +88,11 @@ class Trainer:
         self.train_set, self.valid_set = data.build_datasets(train, self.source, self.seq_length)
         self.train_iterators = self._iterators(self.train_set, self.consumed_samples)
 
-        self.flops_per_token = flops_per_token(self.model_config)
+        # FLOPs as the kernels execute them: TE's flash attention skips the masked half of the
+        # causal scores, the local spec computes them all (accounting.flops_per_token).
+        self.flops_per_token = flops_per_token(
+            self.model_config, kernel="te" if transformer_backend(train) == "te" else "local",
+            micro_batch_size=train.micro_batch_size)
         self.peak = metrics.peak_tflops(
             metrics.device_name(), "fp8" if train.fp8_format else ("bf16" if train.bf16 else "fp32"))
         self.writer = None
@@ -333,7 +338,10 @@ class Trainer:
         try:
             while self.step < train.train_iters:
                 started = time.perf_counter()
-                result = self.train_step()
+                logged = (self.step + 1) % train.log_interval == 0 or self.step + 1 == train.train_iters
+                # Gate statistics cost a reduction per gate: only on the steps the log shows.
+                with record_gate_stats(self.chunks) if logged else contextlib.nullcontext():
+                    result = self.train_step()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
@@ -350,7 +358,7 @@ class Trainer:
                         f"{self.consecutive_skips} steps in a row had a NaN/Inf loss or gradient "
                         f"(loss {result['loss']})")
                         + "Lower --lr, check the data, or raise --max-skipped-steps.")
-                if self.step % train.log_interval == 0 or self.step == train.train_iters:
+                if logged:
                     self._log_interval(record, interval_time, interval_steps, run_start, start_step)
                     interval_time, interval_steps = 0.0, 0
                 if train.eval_interval and self.step % train.eval_interval == 0:
