@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -176,3 +178,63 @@ def device() -> torch.device:
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
     return _CPU
+
+
+# ------------------------------------------------------------------ megatron-core internals
+# Patches that replace megatron-core internals by name, on every machine (not only the CPU).
+# Each checks the release first (check_megatron_core_version).
+_WRITER_MANAGER = None
+
+
+def patch_torch_adam_loading(optimizer) -> None:
+    """megatron-core 0.16 with torch's AdamW (no Apex/TE, i.e. on CPU): loading the distributed
+    optimizer's parameter state copies every key of the live state (which holds torch's `step`)
+    from the checkpoint's tensors, which carry no `step` (it is restored from the param groups
+    just before), and fails with KeyError 'step'. Copy only the tensors the checkpoint has.
+    GPU runs with TE's FusedAdam keep no per-parameter `step` and are left alone."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    check_megatron_core_version()
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, distrib_optimizer.DistributedOptimizer):
+            continue
+        if inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+
+        def set_states(model_param, tensors, inner=inner):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+            state = inner.optimizer.state[main_param]
+            for key, value in tensors.items():
+                (main_param if key == "param" else state[key]).copy_(value)
+
+        inner._set_main_param_and_optimizer_states = set_states
+
+
+def checkpoint_writer_dies_with_us() -> None:
+    """megatron-core 0.16's FileSystemWriterAsync (the torch_dist writer) starts a spawn-context
+    multiprocessing Manager on a process's first save (filesystem_async._get_write_results_queue)
+    and keeps it for the life of the process. It exits with a trainer that exits or is
+    SIGTERMed, but a trainer killed with SIGKILL leaves it (and the resource tracker beside it)
+    orphaned. Start that Manager ourselves, with PR_SET_PDEATHSIG (Linux), so that the kernel
+    ends it with the trainer."""
+    global _WRITER_MANAGER
+    check_megatron_core_version()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already made, or a megatron-core without this global: left alone
+    from multiprocessing.managers import SyncManager
+
+    from megatron_lm2.training.helpers import _die_with_parent
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)  # stdlib-only module: the child imports no torch
+    _WRITER_MANAGER = manager
+    filesystem_async._results_queue = manager.Queue()

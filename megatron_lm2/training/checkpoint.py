@@ -39,9 +39,9 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_lm2.compat import checkpoint_writer_dies_with_us, patch_torch_adam_loading
 from megatron_lm2.compat import cuda_available
 from megatron_lm2.training import integrity
-from megatron_lm2.training.helpers import writer_queue_dies_with_us
 from megatron_lm2.training.integrity import CheckpointError
 
 TRACKER = "latest"
@@ -151,32 +151,6 @@ def _materialize_optimizer_state(optimizer) -> None:
                     state.setdefault("exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
 
 
-def _patch_torch_adam_loading(optimizer) -> None:
-    """megatron-core 0.16 with torch's AdamW (no Apex/TE, i.e. on CPU): loading the distributed
-    optimizer's parameter state copies every key of the live state (which holds torch's `step`)
-    from the checkpoint's tensors, which carry no `step` (it is restored from the param groups
-    just before), and fails with KeyError 'step'. Copy only the tensors the checkpoint has.
-    GPU runs with TE's FusedAdam keep no per-parameter `step` and are left alone."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(inner, distrib_optimizer.DistributedOptimizer):
-            continue
-        if inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            continue
-
-        def set_states(model_param, tensors, inner=inner):
-            group_index, group_order = inner.model_param_group_index_map[model_param]
-            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
-            state = inner.optimizer.state[main_param]
-            for key, value in tensors.items():
-                (main_param if key == "param" else state[key]).copy_(value)
-
-        inner._set_main_param_and_optimizer_states = set_states
-
-
 def _unshare_adam_steps(optimizer) -> None:
     """The distributed optimizer's loader (no Apex/TE) gives every parameter the SAME `step`
     tensor; torch's AdamW increments each parameter's step in place, so a shared one would
@@ -226,7 +200,7 @@ def save_checkpoint(directory: str, step: int, chunks, optimizer, scheduler, tra
     name = iteration_dir(step)
     final = os.path.join(directory, name)
     tmp = os.path.join(directory, f".tmp-{name}")
-    writer_queue_dies_with_us()
+    checkpoint_writer_dies_with_us()
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(tmp):  # left by a save that was killed
@@ -347,7 +321,7 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: boo
     # RNG streams exist per (PP, TP) rank: another layout cannot take them over.
     if load_optimizer:
         _materialize_optimizer_state(optimizer)
-        _patch_torch_adam_loading(optimizer)
+        patch_torch_adam_loading(optimizer)
     state = _sharded_state(chunks, optimizer if load_optimizer else None, is_loading=True,
                            with_rng=same_layout)
     loaded = _load(state, path)
