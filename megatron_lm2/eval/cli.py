@@ -16,22 +16,14 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
 
-from megatron_lm2.cli_errors import USAGE_EXIT_CODE, UserInputError, cli_entry, one_line
+from megatron_lm2.cli_args import ArgumentParser, quiet_library_warnings
+from megatron_lm2.cli_errors import UserInputError, cli_entry
 from megatron_lm2.eval.answers import TASKS
 from megatron_lm2.eval.babilong import LENGTHS
 from megatron_lm2.eval.bos import BOS_CHOICES
 from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_PARTS, PROMPT_REVISIONS, parse_prompt_parts
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """A bad flag ends like any other bad input (cli_errors.py): one line, exit code 2."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {one_line(message)} (see --help)\n")
-        sys.exit(USAGE_EXIT_CODE)
 
 
 def _csv(text: str) -> list[str]:
@@ -314,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry("lm2-eval")
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # Megatron-core warns at import that Apex / Transformer Engine are absent: nothing to act on
-    # for evaluation, and it would bury the one error line.
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+    quiet_library_warnings()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

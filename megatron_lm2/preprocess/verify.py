@@ -57,7 +57,7 @@ def _random_parquet(f: InputFile, json_key: str, rng: random.Random, budget: int
         starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in groups])
     except Exception:
         return []  # unreadable: the file's own tasks report it
-    out, size = [], 0
+    out = []
     rng.shuffle(groups)
     groups = groups[:4]
     per_group = budget // max(1, len(groups)) + 1

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry("lm2-sweep")
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_lm2.train import quiet_library_warnings
+    from megatron_lm2.cli_args import quiet_library_warnings
 
     quiet_library_warnings()
     args = build_parser().parse_args(argv)

@@ -310,7 +310,6 @@ def bootstrap_parametric(points: List[Point], fit: Parametric, samples: int, rng
     n = np.array([p.n for p in points])
     d = np.array([p.d for p in points])
     loss = np.array([p.loss for p in points])
-    x, y, target = np.log(n), np.log(d), np.log(loss)
     draws: Dict[str, List[float]] = {k: [] for k in ("E", "A", "B", "alpha", "beta", "a")}
     for _ in range(samples):
         idx = rng.integers(0, len(points), len(points))

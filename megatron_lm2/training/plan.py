@@ -204,7 +204,7 @@ def print_plan(train: TrainConfig, argv: Sequence[str]) -> Plan:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_lm2.train import quiet_library_warnings
+    from megatron_lm2.cli_args import quiet_library_warnings
 
     quiet_library_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
