@@ -8,6 +8,7 @@
 #   bash examples/quickstart.sh
 #
 # Environment: LM2_QUICKSTART_DIR (default runs/quickstart), LM2_QUICKSTART_STEPS (300),
+# LM2_QUICKSTART_STORIES (12),
 # LM2_PYTHON (use this interpreter instead of tools/setup_venv.sh's .venv), LM2_VENV.
 # Re-running resumes an interrupted run from its latest checkpoint; delete the directory
 # for a fresh one.
@@ -15,6 +16,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${LM2_QUICKSTART_DIR:-$root/runs/quickstart}"
 steps="${LM2_QUICKSTART_STEPS:-300}"
+stories="${LM2_QUICKSTART_STORIES:-12}"  # held-out stories for the recall check (4 questions each)
 warmup=$(( steps / 20 > 0 ? steps / 20 : 1 ))
 started=$SECONDS
 
@@ -53,7 +55,7 @@ echo "[quickstart] 5/7 exporting the checkpoint to Hugging Face (lm2-convert to-
   --overwrite >/dev/null
 
 echo "[quickstart] 6/7 loading it with transformers: a continuation and a recall check"
-"$py" "$root/examples/quickstart_check.py" --hf "$out/hf" --out "$out"
+"$py" "$root/examples/quickstart_check.py" --hf "$out/hf" --out "$out" --stories "$stories"
 
 echo "[quickstart] 7/7 a picture of the memory on the held-out story (lm2-eval inspect)"
 "$py" -m megatron_lm2.eval.cli inspect --megatron "$out/checkpoints" --text-file "$out/story.txt" \

@@ -126,11 +126,34 @@ def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "quickstart"
     result = subprocess.run(
         ["bash", os.path.join(ROOT, "examples", "quickstart.sh")], capture_output=True, text=True, timeout=900,
-        env=_env(LM2_PYTHON=sys.executable, LM2_QUICKSTART_DIR=str(out), LM2_QUICKSTART_STEPS="10"))
+        env=_env(LM2_PYTHON=sys.executable, LM2_QUICKSTART_DIR=str(out), LM2_QUICKSTART_STEPS="10",
+                 LM2_QUICKSTART_STORIES="2"))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert (out / "loss.png").stat().st_size > 10_000
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
     assert "[quickstart] done" in result.stdout
+    # It walks the whole stack: the HF export, loaded by transformers, answered every question
+    # of the held-out stories, and the memory picture was drawn.
+    import importlib.util
+    import json
+
+    from megatron_lm2.data.synthetic_corpus import PEOPLE, PLACES
+
+    spec = importlib.util.spec_from_file_location("quickstart_check", os.path.join(ROOT, "examples", "quickstart_check.py"))
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    story_and_questions = check.story_and_questions
+
+    assert (out / "hf" / "config.json").exists()
+    assert "[hf] greedy continuation:" in result.stdout
+    recall = json.loads((out / "recall.json").read_text())
+    questions = [q for i in range(2) for q in story_and_questions(i)[1]]
+    chance = sum(1 / (len(PLACES) if q.question.startswith("Where") else len(PEOPLE) + 1) for q in questions)
+    assert recall["questions"] == len(questions) == 8
+    assert abs(recall["chance"] - chance / len(questions)) < 1e-12
+    assert 0.0 <= recall["accuracy"] <= 1.0 and recall["accuracy"] * 8 == round(recall["accuracy"] * 8)
+    for picture in ("read_attention.png", "gates.png"):
+        assert (out / "memory" / picture).stat().st_size > 10_000
 
 
 def _fake_slurm(bin_dir, log):
