@@ -107,12 +107,7 @@ def write_record(directory: str, step: int, known_good: bool, reason: str) -> No
     if _world()[0] == 0:
         record = dict(format=1, step=step, known_good=bool(known_good), reason=reason,
                       algorithm=ALGORITHM, files=files)
-        tmp = os.path.join(directory, INTEGRITY_FILE + ".tmp")
-        with open(tmp, "w") as handle:
-            json.dump(record, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, os.path.join(directory, INTEGRITY_FILE))
+        _write_record(directory, record)
 
 
 def demote(directory: str, reason: str) -> None:
@@ -122,6 +117,11 @@ def demote(directory: str, reason: str) -> None:
     if record is None or not record.get("known_good"):
         return
     record.update(known_good=False, reason=reason)
+    _write_record(directory, record)
+
+
+def _write_record(directory: str, record: dict) -> None:
+    """Atomically (tmp + fsync + rename): a crash leaves the old record or the new, never half."""
     tmp = os.path.join(directory, INTEGRITY_FILE + ".tmp")
     with open(tmp, "w") as handle:
         json.dump(record, handle, indent=1, sort_keys=True)
