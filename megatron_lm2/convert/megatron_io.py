@@ -211,9 +211,19 @@ def load_checkpoint(path: str | os.PathLike):
     model, single = _build_single(config)
     from torch.distributed.checkpoint.api import CheckpointException
 
+    sharded = model.sharded_state_dict()
+    # Named before loading: a tensor the model needs that the checkpoint lacks would otherwise
+    # surface from inside the load (the fused memory gates are a ShardedTensorFactory, whose
+    # merge fails on the missing halves with a message that names no tensor).
+    lacking = sorted(_tensor_keys(sharded) - set(getattr(metadata, "state_dict_metadata", None) or ()))
+    if lacking:
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks {len(lacking)} tensor(s) the model needs (wrong "
+            f"config or wrong checkpoint?): {', '.join(lacking[:8])}" + (" ..." if len(lacking) > 8 else "")
+        )
     try:
         loaded, _, unexpected = dist_checkpointing.load(
-            model.sharded_state_dict(), str(path), strict=StrictHandling.RETURN_UNEXPECTED
+            sharded, str(path), strict=StrictHandling.RETURN_UNEXPECTED
         )
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - re-raised with the path
         raise CheckpointError(f"{path}: cannot load the checkpoint: {_first_line(exc)}") from exc
@@ -228,6 +238,21 @@ def load_checkpoint(path: str | os.PathLike):
     own = model.state_dict()
     model.load_state_dict({k: loaded[k] for k in own if k in loaded}, strict=True)
     return single, _plain(model.state_dict())
+
+
+def _tensor_keys(sharded) -> set:
+    """Keys of the sharded tensors a sharded state dict loads, factories expanded (built aside:
+    the dict itself is left as the load needs it)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    keys = set()
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensorFactory):
+            keys |= _tensor_keys(value.build())
+        elif isinstance(value, ShardedTensor):
+            keys.add(value.key)
+    return keys
 
 
 def save_checkpoint(state: Dict[str, torch.Tensor], config, path: str | os.PathLike,
