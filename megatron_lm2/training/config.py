@@ -178,8 +178,10 @@ class TrainConfig:
         "memory_write", "memory_init", "memory_layers", "memory_bptt_chunks", "attention_window",
     )
 
-    def validate(self, world_size: Optional[int] = None) -> None:
-        """Cross-field checks; ConfigError names the flag(s)."""
+    def validate(self, world_size: Optional[int] = None, check_model: bool = True) -> None:
+        """Cross-field checks; ConfigError names the flag(s). check_model=False leaves the model's
+        knobs to the one place the run's model config is built (lm2-train builds it once, after
+        the data source gives the vocabulary: megatron_lm2.training.data.model_config_for)."""
         from megatron_lm2.flavors import list_flavors
 
         if self.flavor not in list_flavors():
@@ -231,7 +233,15 @@ class TrainConfig:
             raise ConfigError("--save-interval needs --save DIR")
         if world_size is not None:
             self.data_parallel_size(world_size)
-        self.model_config()  # the model knobs validate themselves (LM2Config)
+        if check_model:
+            self.model_config()  # the model knobs validate themselves (LM2Config)
+
+    def virtual_pipeline_size(self) -> Optional[int]:
+        """Model chunks per pipeline stage when interleaving, else None (VPP means nothing
+        without PP > 1): the value Megatron's parallel state and schedules take."""
+        if self.pipeline_model_parallel_size > 1:
+            return self.virtual_pipeline_model_parallel_size
+        return None
 
     def wsd_decay_iters(self) -> Optional[int]:
         """Steps of the WSD decay phase (None when not set)."""
@@ -395,16 +405,18 @@ def _checked(kind, name, meta):
     return convert
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> TrainConfig:
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None,
+               check_model: bool = True) -> TrainConfig:
     """Flags -> a validated TrainConfig. Bad values exit with status 2 and a message naming the
-    flag (argparse's convention)."""
+    flag (argparse's convention). check_model=False (lm2-train): the model's knobs are checked
+    where the run builds its model config, once (TrainConfig.validate)."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
     config = TrainConfig(**vars(namespace))
     if world_size is None:
         world_size = None if config.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config.validate(world_size)
+        config.validate(world_size, check_model=check_model)
     except ConfigError as error:
         parser.error(str(error))
     return config
