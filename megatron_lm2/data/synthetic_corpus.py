@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from megatron_lm2.data.babi_world import BabiWorld
+from megatron_lm2.fileio import atomic_open
 
 # Fact vocabulary. Filler prose below never uses these words, so only fact sentences carry them.
 PEOPLE = (
@@ -264,16 +265,14 @@ def write_corpus(out_dir: str | os.PathLike, documents: int, seed: int,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / filename
-    tmp = path.with_name(path.name + ".tmp")
     docs = iter_documents(documents, seed, config)
     if progress:
         from tqdm import tqdm
 
         docs = tqdm(docs, total=documents, unit="doc", desc="synthetic corpus")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, fsync=False) as f:
         for doc in docs:
             f.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -31,6 +31,7 @@ from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.eval.answers import TASKS, is_correct
 from megatron_lm2.eval.babilong_data import DataError, load_split
 from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_PARTS, build_prompt
+from megatron_lm2.fileio import write_text_atomic
 
 LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")
 TASK_SETS = {"qa1-qa5": TASKS[:5], "qa1-qa10": TASKS}
@@ -159,10 +160,7 @@ class BabilongResults:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text, fsync=False, unique=True)
 
 
 def _read_cell(path: str) -> Cell:

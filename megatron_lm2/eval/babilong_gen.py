@@ -14,7 +14,6 @@ punctuation, roughly a BPE token count for English).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -22,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_lm2.data.babi_world import BabiWorld
 from megatron_lm2.eval.answers import TASKS
+from megatron_lm2.fileio import write_json_atomic
 
 PEOPLE = ("Mary", "John", "Daniel", "Sandra")
 GIVERS = ("Bill", "Fred", "Jeff", "Mary")
@@ -335,9 +335,6 @@ def write_dataset(
             path = os.path.join(root, "data", task, f"{length}.json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             records = generate_split(task, length, num_samples, seed, **kwargs)
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(records, f)
-            os.replace(tmp, path)
+            write_json_atomic(path, records, fsync=False)
             written.append(path)
     return written

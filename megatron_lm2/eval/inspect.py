@@ -22,6 +22,7 @@ import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from torch import Tensor
 
+from megatron_lm2.fileio import atomic_path
 from megatron_lm2.memory import LM2Memory
 from megatron_lm2.memory_state import gate_stats, memory_modules
 
@@ -102,8 +103,6 @@ def plot_read_attention(report: MemoryReport, path: str, sample: int = 0,
                         tokens: Optional[Sequence[str]] = None, title: str = "") -> str:
     """One heatmap per memory layer (rows) and memory head (columns): tokens down, slots
     across. Written atomically to a PNG."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,17 +132,14 @@ def plot_read_attention(report: MemoryReport, path: str, sample: int = 0,
     gates = ", ".join(f"L{n}: in {g.get('in', float('nan')):.2f} forget {g.get('forget', float('nan')):.2f} "
                       f"out {g['out']:.2f}" for n, g in sorted(report.gates.items()))
     fig.suptitle((title + "\n" if title else "") + gates, fontsize=8)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png", fsync=False) as tmp:
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
     return path
 
 
 def plot_gate_stats(gates: dict, path: str, title: str = "") -> str:
     """Bar chart of the mean input / forget / output gate per memory layer."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,8 +159,7 @@ def plot_gate_stats(gates: dict, path: str, title: str = "") -> str:
     ax.legend(fontsize=8)
     ax.set_title(title or "memory gates")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png", fsync=False) as tmp:
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
     return path

@@ -39,17 +39,10 @@ MAX_LISTED_SKIPS = 1000  # per shard record; counts stay exact beyond it
 
 
 def write_json_atomic(path: Path, obj, fsync: bool = False) -> None:
+    from megatron_lm2 import fileio
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fsync_dir(path.parent)
+    fileio.write_json_atomic(path, obj, indent=1, end="\n", fsync=fsync, sync_dir=fsync)
 
 
 def fsync_dir(path: str | Path) -> None:

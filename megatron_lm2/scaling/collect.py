@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from megatron_lm2.fileio import atomic_path
 from megatron_lm2.scaling.plan import Run, SweepPlan
 from megatron_lm2.scaling.submit import is_finished
 from megatron_lm2.scaling.util import SweepDataError, atomic_write_text
@@ -181,9 +182,8 @@ def write_table(rows: List[dict], path: str) -> str:
 
         table = pa.table({name: [(None if row.get(name, "") == "" else row.get(name)) for row in rows]
                           for name in names})
-        tmp = path + ".tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, fsync=False) as tmp:
+            pq.write_table(table, tmp)
         return path
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")

@@ -8,6 +8,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from megatron_lm2.fileio import atomic_path
 from megatron_lm2.scaling.fit import Point, Study, isoflop_groups
 
 COLORS = {"lm2": "tab:blue", "vanilla": "tab:orange"}
@@ -23,9 +24,8 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png", fsync=False) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     return path
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 from megatron_lm2.cli_errors import UserInputError
+from megatron_lm2.fileio import write_text_atomic
 
 
 class SweepDataError(UserInputError):
@@ -15,17 +15,7 @@ class SweepDataError(UserInputError):
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write via a temporary file in the same directory and os.replace, so a reader (or a
-    killed writer) never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    killed writer) never sees half a file. In the locale's encoding, with mode 0o600 (what
+    tempfile.mkstemp gave this function before it used megatron_lm2.fileio)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, text, encoding=None, fsync=True, unique=True, permissions=0o600)

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from megatron_lm2.cli_args import ArgumentParser
 from megatron_lm2.cli_errors import UserInputError, cli_entry
+from megatron_lm2.fileio import write_bytes_atomic
 
 # The embedded default: vocab 2048 (the debug flavor's), trained on 400 documents of the
 # synthetic corpus, seed 20250207 (not a training seed, so it does not favour one split).
@@ -86,9 +86,7 @@ def build_embedded_default() -> bytes:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, fsync=False)
 
 
 class TokenizerTrainingError(UserInputError):

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import torch.distributed as dist
 
 from megatron_lm2.cli_errors import UserInputError
+from megatron_lm2.fileio import write_json_atomic
 
 INTEGRITY_FILE = "lm2_integrity.json"
 ALGORITHM = "sha256"
@@ -122,12 +123,7 @@ def demote(directory: str, reason: str) -> None:
 
 def _write_record(directory: str, record: dict) -> None:
     """Atomically (tmp + fsync + rename): a crash leaves the old record or the new, never half."""
-    tmp = os.path.join(directory, INTEGRITY_FILE + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(directory, INTEGRITY_FILE))
+    write_json_atomic(os.path.join(directory, INTEGRITY_FILE), record, indent=1, sort_keys=True, fsync=True)
 
 
 def read_record(directory: str) -> Optional[dict]:

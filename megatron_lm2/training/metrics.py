@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_lm2.fileio import atomic_open
+
 # Dense (no sparsity) peak TFLOP/s per GPU by dtype; the name is matched as a substring of
 # torch.cuda.get_device_name().
 PEAK_TFLOPS = {
@@ -156,12 +158,8 @@ def drop_records_after(path: str, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as handle:
+        with atomic_open(path, encoding=None, fsync=True) as handle:  # encoding: as read above
             handle.writelines(kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     return dropped
 
 

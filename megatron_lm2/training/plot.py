@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from megatron_lm2.fileio import atomic_path
+
 
 def read_metrics(path: str) -> dict:
     """{'train': [(step, loss)], 'valid': [(step, loss)]}; a resumed run's repeated steps keep
@@ -46,10 +48,9 @@ def plot_loss(metrics_file: str, out: str, title: Optional[str] = None) -> str:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    tmp = out + ".tmp.png"
-    figure.savefig(tmp)
-    plt.close(figure)
-    os.replace(tmp, out)
+    with atomic_path(out, suffix=".png", fsync=False) as tmp:
+        figure.savefig(tmp)
+        plt.close(figure)
     return out
 
 
