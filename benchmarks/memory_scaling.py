@@ -440,12 +440,7 @@ def append_run(path: str, run: dict) -> None:
             os.fsync(f.fileno())
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from megatron_lm2.provenance import git_commit as _commit  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ report

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,8 +35,10 @@ from tqdm import tqdm
 
 from megatron_lm2 import distributed
 from megatron_lm2.eval.mqar import MQARSpec, mqar_batch
+from megatron_lm2.fileio import atomic_path, write_json_atomic
 from megatron_lm2.flavors import get_flavor
 from megatron_lm2.model import attention_mask, build_model
+from megatron_lm2.provenance import git_commit
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run
 
@@ -175,10 +176,7 @@ def _add_run(path: str, run: dict, meta: dict) -> None:
     results["runs"] = [r for r in results["runs"] if (r["flavor"], r["seed"]) != (run["flavor"], run["seed"])]
     results["runs"].append(run)
     results["meta"] = meta
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, results, indent=1, fsync=False, unique=True)
 
 
 def summarize(results: dict, chance: float) -> str:
@@ -222,18 +220,9 @@ def plot(results: dict, path: str, chance: float) -> None:
     ax.set_ylim(0, 100)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    with atomic_path(path, suffix=".png", fsync=False) as tmp:
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -260,7 +249,7 @@ def main(argv=None) -> int:
                                           "keys", "filler", "eval_samples")}
     meta.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                 f"{args.threads} thread(s)", date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                commit=_commit(), chance=spec.chance)
+                commit=git_commit(), chance=spec.chance)
     done = {(r["flavor"], r["seed"]) for r in load_results(args.results)["runs"]}
     for seed in (int(s) for s in args.seeds.split(",")):
         for flavor in args.models.split(","):

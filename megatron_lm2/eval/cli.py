@@ -24,6 +24,7 @@ from megatron_lm2.eval.answers import TASKS
 from megatron_lm2.eval.babilong import LENGTHS
 from megatron_lm2.eval.bos import BOS_CHOICES
 from megatron_lm2.eval.prompts import DEFAULT_REVISION, PROMPT_PARTS, PROMPT_REVISIONS, parse_prompt_parts
+from megatron_lm2.fileio import write_json_atomic
 
 
 def _csv(text: str) -> list[str]:
@@ -109,10 +110,7 @@ def _csv_of(flag: str, text: str, known: Sequence[str]) -> list[str]:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2, fsync=False, unique=True)
 
 
 # --------------------------------------------------------------------------------- babilong
