@@ -103,3 +103,23 @@ def weights_of(memory_module, num_heads: int) -> dict:
             else {}
         ),
     )
+
+
+def random_memory(**overrides):
+    """(config, module): the LM2Memory under test (local spec, float64, 40 tokens in chunks of
+    8, 12 slots, 4 heads, d=64 unless `overrides` say otherwise), with seeded random weights of
+    a spread large enough that every gate and softmax is far from uniform."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.specs import get_memory_local_spec
+
+    fields = dict(hidden_size=64, num_attention_heads=4, memory_heads=4, memory_slots=12,
+                  memory_chunk_size=8, seq_length=40, params_dtype=torch.float64)
+    cfg = get_flavor("debug", **{**fields, **overrides})
+    torch.manual_seed(0)
+    module = build_module(get_memory_local_spec(), config=cfg, layer_number=1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    return cfg, module

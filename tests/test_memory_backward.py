@@ -4,13 +4,10 @@ float64 statement of the equations (tests/reference.py)."""
 
 import pytest
 import torch
-from megatron.core.transformer.spec_utils import build_module
 
-from megatron_lm2.flavors import get_flavor
 from megatron_lm2.memory import LM2Memory, _out_gate, _OutGate, _write_update, _WriteUpdate
 from megatron_lm2.memory_state import carry_memory, gate_stats, record_gate_stats
-from megatron_lm2.specs import get_memory_local_spec
-from reference import memory_reference
+from reference import memory_reference, random_memory
 
 pytestmark = pytest.mark.usefixtures("megatron_world", "one_thread")
 
@@ -18,15 +15,7 @@ D, HEADS = 32, 4
 
 
 def _memory(**overrides):
-    fields = dict(hidden_size=D, num_attention_heads=4, memory_heads=HEADS, memory_slots=12,
-                  memory_chunk_size=8, seq_length=40, params_dtype=torch.float64)
-    cfg = get_flavor("debug", **{**fields, **overrides})
-    torch.manual_seed(0)
-    module = build_module(get_memory_local_spec(), config=cfg, layer_number=1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.3)
-    return cfg, module
+    return random_memory(**{"hidden_size": D, "memory_heads": HEADS, **overrides})
 
 
 def _leaf_weights(module: LM2Memory) -> dict:

@@ -2,35 +2,13 @@
 
 import pytest
 import torch
-from megatron.core.transformer.spec_utils import build_module
 
-from megatron_lm2.flavors import get_flavor
 from megatron_lm2.memory import identity_bank
 from megatron_lm2.memory_state import carry_memory, memory_banks
-from megatron_lm2.specs import get_memory_local_spec
 from reference import memory_reference, weights_of
+from reference import random_memory as _memory
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
-
-
-def _memory(**overrides):
-    fields = dict(
-        hidden_size=64,
-        num_attention_heads=4,
-        memory_heads=4,
-        memory_slots=12,
-        memory_chunk_size=8,
-        seq_length=40,
-        params_dtype=torch.float64,
-    )
-    cfg = get_flavor("debug", **{**fields, **overrides})
-    torch.manual_seed(0)
-    module = build_module(get_memory_local_spec(), config=cfg, layer_number=1)
-    # Random weights with a spread large enough that every gate and softmax is far from uniform.
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.3)
-    return cfg, module
 
 
 def _rel_err(a, b):
