@@ -20,22 +20,12 @@ stories="${LM2_QUICKSTART_STORIES:-12}"  # held-out stories for the recall check
 warmup=$(( steps / 20 > 0 ? steps / 20 : 1 ))
 started=$SECONDS
 
-if [ -n "${LM2_PYTHON:-}" ]; then
-  py="$LM2_PYTHON"
-else
-  py="$(bash "$root/tools/setup_venv.sh" | tail -n 1)"
-fi
+source "$root/examples/lib/corpus_to_shards.sh"  # lm2_python, lm2_corpus_to_shards
+py="$(lm2_python "$root")"
 echo "[quickstart] python: $py"
 mkdir -p "$out"
 
-if [ ! -f "$out/raw/synthetic.jsonl" ]; then
-  echo "[quickstart] 1/7 generating the synthetic corpus"
-  "$py" -m megatron_lm2.data.synthetic_corpus --out "$out/raw" --documents 400 --seed 1234
-fi
-if [ ! -f "$out/shards/manifest.json" ]; then
-  echo "[quickstart] 2/7 tokenizing into Megatron shards (embedded 2k-token tokenizer)"
-  "$py" -m megatron_lm2.preprocess.cli --input "$out/raw/synthetic.jsonl" --json-key text --output "$out/shards"
-fi
+lm2_corpus_to_shards "$py" "$out" "[quickstart]" 7  # 1/7 corpus, 2/7 shards
 
 echo "[quickstart] 3/7 training the debug LM2 ($steps steps, CPU)"
 MODEL_ARGS=(--flavor debug --seq-length 256 --memory-chunk-size 64)

@@ -19,22 +19,12 @@ jobs="${LM2_SCALING_DEMO_JOBS:-2}"
 widths="${LM2_SCALING_DEMO_WIDTHS:-[32, 48, 64, 96, 128]}"
 budgets="${LM2_SCALING_DEMO_BUDGETS:-[3e10, 1e11, 3e11]}"
 started=$SECONDS
-if [ -n "${LM2_PYTHON:-}" ]; then
-  py="$LM2_PYTHON"
-else
-  py="$(bash "$root/tools/setup_venv.sh" | tail -n 1)"
-fi
+source "$root/examples/lib/corpus_to_shards.sh"  # lm2_python, lm2_corpus_to_shards
+py="$(lm2_python "$root")"
 export OMP_NUM_THREADS=1
 mkdir -p "$out"
 
-if [ ! -f "$out/raw/synthetic.jsonl" ]; then
-  echo "[scaling-demo] 1/6 generating the synthetic corpus"
-  "$py" -m megatron_lm2.data.synthetic_corpus --out "$out/raw" --documents 400 --seed 1234
-fi
-if [ ! -f "$out/shards/manifest.json" ]; then
-  echo "[scaling-demo] 2/6 tokenizing into Megatron shards (embedded 2k-token tokenizer)"
-  "$py" -m megatron_lm2.preprocess.cli --input "$out/raw/synthetic.jsonl" --json-key text --output "$out/shards"
-fi
+lm2_corpus_to_shards "$py" "$out" "[scaling-demo]" 6  # 1/6 corpus, 2/6 shards
 
 # The sweep: widths 32..128 (depth = width / 16, head dim 16), memory slots = width, memory head
 # dim 16, two memory chunks per 128-token sequence; DeepSeek's batch/LR rule with the LR clamped
