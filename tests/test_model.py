@@ -313,3 +313,41 @@ def test_refused_fusions_are_dropped_under_auto():
     assert cfg.bias_activation_fusion is True and cfg.apply_rope_fusion is False
     with pytest.raises(ConfigError, match="apply_rope_fusion"):
         apply_runtime_settings(get_flavor("debug"), settings, strict=True)
+
+
+# ----------------------------------------------------------------- the model's own mask
+def _causal(length):
+    return ~torch.ones(length, length, dtype=torch.bool).tril().view(1, 1, length, length)
+
+
+@pytest.mark.parametrize("window", [None, 12, 24, 48])
+@pytest.mark.parametrize("length", [48, 36, 30])  # full, shorter, shorter mid-chunk (eval)
+def test_the_model_builds_its_attention_mask(window, length):
+    """No mask passed: the logits of the caller-built mask (model.attention_mask, what the
+    trainer and eval passed before), for the full sequence and shorter ones."""
+    cfg, model = _model(torch.float64, attention_window=window)
+    tokens = torch.randint(0, cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        own = _logits(model, tokens)
+        caller = _logits(model, tokens, attention_mask(length, window))
+        causal = _logits(model, tokens, _causal(length))
+    assert own.shape == (2, length, cfg.vocab_size)
+    assert (own - caller).abs().max().item() < 1e-12
+    windowed = window is not None and window < length
+    # The window is really applied: whole-sequence causal attention gives other logits.
+    assert ((own - causal).abs().max().item() > 1e-6) == windowed
+
+
+def test_the_model_keeps_its_masks_per_length_and_device():
+    cfg, model = _model(attention_window=12)
+    first = model.attention_mask_for(48, "cpu")
+    assert model.attention_mask_for(48, torch.device("cpu")) is first  # built once
+    assert torch.equal(first, attention_mask(48, 12))
+    assert model.attention_mask_for(30, "cpu").shape == (1, 1, 30, 30)
+    assert model.attention_mask_for(12, "cpu") is None  # one window: Megatron's causal mask
+    for length in range(13, 30):
+        model.attention_mask_for(length, "cpu")
+    assert len(model._masks) <= model._CACHED_MASKS  # eval's many lengths do not pile up
+    model.transformer_backend = "te"  # the TE spec's attention would ignore the mask
+    with pytest.raises(ValueError, match="attention_window=12.*'local'"):
+        model.attention_mask_for(48, "cpu")
