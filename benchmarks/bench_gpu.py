@@ -115,21 +115,25 @@ def train_step_benchmark(flavor: str, shape: dict, micro_batch: int, smoke: bool
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_lm2.accounting import flops_per_token
-    from megatron_lm2.model import attention_mask
-    from megatron_lm2.training.build import build_model_chunks, build_optimizer, transformer_backend
+    from megatron_lm2.training.build import (
+        build_model_chunks,
+        build_optimizer,
+        set_schedule_hooks,
+        transformer_backend,
+    )
     from megatron_lm2.training.metrics import peak_tflops
 
     train = _train_config(flavor, shape, micro_batch, fp8_recipe, smoke)
     config = train.model_config()
     backend = transformer_backend(train)
     torch.manual_seed(0)
-    chunks = build_model_chunks(train, config)
-    optimizer, _ = build_optimizer(train, config, chunks)
+    model_chunks = build_model_chunks(train, config)
+    set_schedule_hooks(config, model_chunks)
+    optimizer, _ = build_optimizer(train, config, model_chunks)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     seq = config.seq_length
     tokens = torch.randint(0, config.vocab_size, (micro_batch, seq), device=device)
     positions = torch.arange(seq, device=device).expand(micro_batch, -1)
-    mask = attention_mask(seq, config.attention_window, device=device)
 
     def loss_func(per_token_loss):
         loss = per_token_loss.float().sum()
@@ -137,15 +141,15 @@ def train_step_benchmark(flavor: str, shape: dict, micro_batch: int, smoke: bool
         return loss, count, {"lm loss": torch.stack([loss.detach(), count.float()])}
 
     def forward_step(_iterator, model):
-        return model(tokens, positions, mask, labels=tokens), loss_func
+        return model(tokens, positions, None, labels=tokens), loss_func  # the model's own mask
 
     forward_backward = get_forward_backward_func()
 
     def step():
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
+        for model_chunk in model_chunks:
+            model_chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_backward(forward_step_func=forward_step, data_iterator=iter([None]), model=chunks,
+        forward_backward(forward_step_func=forward_step, data_iterator=iter([None]), model=model_chunks,
                          num_microbatches=1, seq_length=seq, micro_batch_size=micro_batch,
                          decoder_seq_length=seq, forward_only=False)
         optimizer.step()
@@ -170,7 +174,7 @@ def train_step_benchmark(flavor: str, shape: dict, micro_batch: int, smoke: bool
                   fp8_recipe=fp8_recipe, step_s=seconds, tokens_per_s=tokens_per_s,
                   gflop_per_token=fpt / 1e9, tflops=tflops, mfu=(tflops / peak if peak else None),
                   peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None))
-    del chunks, optimizer
+    del model_chunks, optimizer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result

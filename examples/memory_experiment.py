@@ -3,7 +3,7 @@
 Task: multi-query associative recall across the window (megatron_lm2.eval.mqar). Each
 sequence is two attention windows of W tokens. The first holds P key-value pairs among
 random filler; the second holds filler and then asks for every key again. Self-attention is
-blocked across windows (megatron_lm2.model.attention_mask), so the only path from the facts
+blocked across windows (the model's own mask, megatron_lm2.model.LM2GPTModel), so the only path from the facts
 to the questions is the memory bank, written after the first window (memory_chunk_size = W)
 and read by the second. The vanilla twin has no such path: it must sit at chance (1/V).
 
@@ -37,7 +37,7 @@ from megatron_lm2 import distributed
 from megatron_lm2.eval.mqar import MQARSpec, mqar_batch
 from megatron_lm2.fileio import atomic_path, write_json_atomic
 from megatron_lm2.flavors import get_flavor
-from megatron_lm2.model import attention_mask, build_model
+from megatron_lm2.model import build_model
 from megatron_lm2.provenance import git_commit
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run
@@ -78,11 +78,11 @@ def model_config(flavor: str, spec: MQARSpec, window: int):
 
 
 @torch.no_grad()
-def accuracy(model, batch, mask) -> float:
+def accuracy(model, batch) -> float:
     """Exact-match accuracy of the argmax over the whole vocabulary at the answer positions."""
     model.eval()
     pos = torch.arange(batch.tokens.shape[1])[None].expand_as(batch.tokens)
-    logits = model(batch.tokens, pos, mask)
+    logits = model(batch.tokens, pos, None)  # the model applies its attention window
     model.train()
     hit = batch.loss_mask.bool()
     return float((logits.argmax(-1)[hit] == batch.labels[hit]).float().mean())
@@ -96,7 +96,6 @@ def train_one(flavor: str, seed: int, args, spec: MQARSpec) -> dict:
     model = build_model(model_config(flavor, spec, args.window))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
-    mask = attention_mask(spec.seq_length, args.window)
     pos = torch.arange(spec.seq_length)[None].expand(args.batch_size, -1)
     data = torch.Generator().manual_seed(10_000 + seed)
     held_out = mqar_batch(spec, args.eval_samples, EVAL_SEED)
@@ -105,14 +104,14 @@ def train_one(flavor: str, seed: int, args, spec: MQARSpec) -> dict:
     bar = tqdm(range(args.steps + 1), desc=f"{flavor} seed {seed}", mininterval=10)
     for step in bar:
         if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step, accuracy(model, held_out, mask)))
+            curve.append((step, accuracy(model, held_out)))
             bar.set_postfix(acc=f"{curve[-1][1]:.3f}")
             print(f"[{flavor} seed {seed}] step {step} held-out accuracy {curve[-1][1]:.3f} "
                   f"({time.time() - start:.0f}s)", flush=True)
         if step == args.steps:
             break
         batch = mqar_batch(spec, args.batch_size, data)
-        per_token = model(batch.tokens, pos, mask, labels=batch.labels)
+        per_token = model(batch.tokens, pos, None, labels=batch.labels)
         loss = (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,14 +138,14 @@ def ablation_accuracy(model, spec, args, held_out) -> float:
     fact[is_pair] = torch.randint(spec.filler_ids.start, spec.filler_ids.stop, (int(is_pair.sum()),), generator=g)
     ablated = type(held_out)(tokens=tokens, labels=held_out.labels, loss_mask=held_out.loss_mask,
                              values=held_out.values)
-    return accuracy(model, ablated, attention_mask(spec.seq_length, args.window))
+    return accuracy(model, ablated)
 
 
 def draw_heatmap(model, spec, args, held_out) -> None:
     from megatron_lm2.eval.inspect import inspect_memory, plot_read_attention
 
     tokens = held_out.tokens[:1]
-    report = inspect_memory(model, tokens, attention_mask=attention_mask(spec.seq_length, args.window))
+    report = inspect_memory(model, tokens)
     os.makedirs(os.path.dirname(args.heatmap) or ".", exist_ok=True)
     plot_read_attention(report, args.heatmap, title="debug LM2 after training: read attention over slots "
                         "(tokens 0..W-1 read M_0; tokens W.. read the bank written from the fact window)")

@@ -7,6 +7,7 @@ unmodified GPT layer spec, so a vanilla flavor *is* Megatron's GPTModel.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -46,7 +47,11 @@ def _te_modules():
     return TENorm, TEColumnParallelLinear, TERowParallelLinear
 
 
+@functools.cache
 def te_available() -> bool:
+    """Whether the 'te' spec can be built here: Megatron-core's Transformer Engine modules
+    import (the one probe; training.build picks its backend by it). Cached: a failed import
+    is not retried."""
     try:
         _te_modules()
         return True

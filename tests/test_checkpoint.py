@@ -161,7 +161,7 @@ def _weights_after(argv):
     from megatron_lm2.training.trainer import Trainer
 
     trainer = Trainer(parse_args(argv))
-    weights = {n: p.detach().clone() for n, p in unwrap(trainer.chunks[0]).named_parameters()}
+    weights = {n: p.detach().clone() for n, p in unwrap(trainer.model_chunks[0]).named_parameters()}
     inner = trainer.optimizer.chained_optimizers[0].optimizer
     adam_steps = {float(s["step"]) for s in inner.state.values() if "step" in s}
     return weights, trainer.step, trainer.scheduler.num_steps, adam_steps
@@ -188,3 +188,51 @@ def test_latest_tracker_errors_are_clear(tmp_path):
     (tmp_path / "latest").write_text("iter_0000009\n")
     with pytest.raises(RuntimeError, match="names 'iter_0000009', which is not a checkpoint directory"):
         latest_checkpoint(str(tmp_path))
+
+
+# ------------------------------------------------------------------ the model config it carries
+def _converter_view(path):
+    """(lm2_config.json-style dict, weights) of a checkpoint as lm2-convert / lm2-eval load it."""
+    from megatron_lm2.convert.megatron_config import config_to_dict
+    from megatron_lm2.convert.megatron_io import load_checkpoint
+
+    config, weights = load_checkpoint(path)
+    return config_to_dict(config), {name: tensor.clone() for name, tensor in weights.items()}
+
+
+def test_every_checkpoint_carries_its_model_config(uninterrupted_run, tmp_path):
+    import shutil
+
+    from megatron_lm2.convert.megatron_config import config_to_dict
+    from megatron_lm2.training import integrity
+    from megatron_lm2.training.config import parse_args
+
+    directory, _ = uninterrupted_run
+    expected = config_to_dict(parse_args(COMMON, world_size=1).model_config())
+    for step in (2, 4, 6, 8):
+        path = os.path.join(directory, f"iter_{step:07d}")
+        with open(os.path.join(path, "lm2_config.json")) as handle:
+            record = json.load(handle)
+        assert record["model"] == expected, step
+        assert (record["tensor_model_parallel_size"], record["pipeline_model_parallel_size"]) == (1, 1)
+        # Covered by the checkpoint's checksums.
+        entry = integrity.read_record(path)["files"]["lm2_config.json"]
+        assert entry["sha256"] == integrity.file_digest(os.path.join(path, "lm2_config.json"))
+
+    # A checkpoint of today's trainer without lm2_config.json (as one from before it was written):
+    # the converter rebuilds the same model from the run's saved flags, and loads the same weights.
+    source = os.path.join(directory, "iter_0000008")
+    older = str(tmp_path / "iter_0000008")
+    shutil.copytree(source, older)
+    os.remove(os.path.join(older, "lm2_config.json"))
+    assert "lm2_config.json: missing (the checkpoint's integrity record lists it)" in integrity.verify(older)
+    record = integrity.read_record(older)
+    del record["files"]["lm2_config.json"]
+    with open(os.path.join(older, integrity.INTEGRITY_FILE), "w") as handle:
+        json.dump(record, handle)
+    (with_record, weights), (rebuilt, weights_rebuilt) = run_distributed(_converter_view, 1, source)[0], \
+        run_distributed(_converter_view, 1, older)[0]
+    assert with_record == expected
+    assert rebuilt == with_record
+    assert sorted(weights) == sorted(weights_rebuilt)
+    assert all(weights[name].equal(weights_rebuilt[name]) for name in weights)

@@ -108,7 +108,7 @@ def _all_finite(argv):
     from megatron_lm2.training.trainer import Trainer
 
     trainer = Trainer(parse_args(argv))
-    params = list(unwrap(trainer.chunks[0]).parameters())
+    params = list(unwrap(trainer.model_chunks[0]).parameters())
     return trainer.step, len(params), sum(bool(torch.isfinite(p).all()) for p in params)
 
 
@@ -144,7 +144,7 @@ def _poisoned_run(argv):
         result = step()
         if trainer.step + 1 == 3:
             with torch.no_grad():
-                next(trainer.chunks[0].parameters()).view(-1)[7] = float("inf")
+                next(trainer.model_chunks[0].parameters()).view(-1)[7] = float("inf")
         return result
 
     trainer.optimizer.step = poisoned_step
@@ -456,7 +456,7 @@ def _validation_by_chunk(argv):
     trainer.run()
     with open(train.metrics_file) as handle:
         valid = [json.loads(line) for line in handle if json.loads(line)["kind"] == "valid"]
-    model = unwrap(trainer.chunks[0])
+    model = unwrap(trainer.model_chunks[0])
     model.eval()
     chunk, seq = trainer.model_config.memory_chunk_size, trainer.seq_length
     sums, counts = np.zeros(seq // chunk), np.zeros(seq // chunk)

@@ -81,7 +81,7 @@ def _nan_run(argv, nan_steps):
 
         def train_step(self):
             result = super().train_step()
-            first = next(self.chunks[0].parameters())
+            first = next(self.model_chunks[0].parameters())
             self.snapshots.append(first.detach().clone())
             return result
 
@@ -126,13 +126,13 @@ def _precision_and_decay():
     # Which model parameters landed in a wd_mult=0 group of the distributed optimizer.
     inner = fp32.optimizer.chained_optimizers[0] if hasattr(fp32.optimizer, "chained_optimizers") else fp32.optimizer
     decay = {}
-    for name, param in fp32.chunks[0].named_parameters():
+    for name, param in fp32.model_chunks[0].named_parameters():
         group_index, _ = inner.model_param_group_index_map[param]
         decay[name] = inner.optimizer.param_groups[group_index]["wd_mult"]
-    expected = {name: 0.0 if no_weight_decay(p, name) else 1.0 for name, p in fp32.chunks[0].named_parameters()}
+    expected = {name: 0.0 if no_weight_decay(p, name) else 1.0 for name, p in fp32.model_chunks[0].named_parameters()}
     fp32_losses = [r["loss"] for r in fp32.run()]
     bf16 = Trainer(parse_args(argv + ["--bf16"]))
-    bf16_dtype = next(bf16.chunks[0].parameters()).dtype
+    bf16_dtype = next(bf16.model_chunks[0].parameters()).dtype
     bf16_losses = [r["loss"] for r in bf16.run()]
     return decay, expected, fp32_losses, bf16_losses, str(bf16_dtype)
 
@@ -207,7 +207,7 @@ def test_dataset_windows_come_from_the_documents(tmp_path):
 
     docs = _write_fixture(str(tmp_path))
     train = _data_config(str(tmp_path))
-    source = data.resolve_source(train, 0)
+    source = data.resolve_source(train)
     assert source.tokenizer.eod == EOD and source.tokenizer.vocab_size == 2 + 40 * 60
     train_set, _ = data.build_datasets(train, source, 32)
     starts = {d[0] for d in docs}
@@ -242,11 +242,11 @@ def test_data_path_errors_name_the_flag_and_file(tmp_path):
     from megatron_lm2.training import data
 
     with pytest.raises(ConfigError, match=r"--data-path .*: no manifest.json there"):
-        data.resolve_source(_data_config(str(tmp_path)), 0)
+        data.resolve_source(_data_config(str(tmp_path)))
     _write_fixture(str(tmp_path))
     os.remove(os.path.join(str(tmp_path), "shard_00000.idx"))
     with pytest.raises(ConfigError, match=r"data shard .*shard_00000.idx does not exist \(from --data-path\)"):
-        data.resolve_source(_data_config(str(tmp_path)), 0)
+        data.resolve_source(_data_config(str(tmp_path)))
 
 
 def test_dali_loader_yields_the_same_batches(tmp_path):
@@ -259,7 +259,7 @@ def test_dali_loader_yields_the_same_batches(tmp_path):
 
     _write_fixture(str(tmp_path))
     train = _data_config(str(tmp_path))
-    train_set, _ = data.build_datasets(train, data.resolve_source(train, 0), 32)
+    train_set, _ = data.build_datasets(train, data.resolve_source(train), 32)
     # DP rank 1 of 2, resumed after 8 samples.
     expected = list(itertools.islice(data.micro_batches(train_set, 8, 2, 1, 2), 6))
     got = list(itertools.islice(dali_micro_batches(train_set, 8, 2, 1, 2), 6))
@@ -307,10 +307,10 @@ def _gate_logging():
     seen, original = [], trainer.train_step
 
     def spy():
-        for module in memory_modules(trainer.chunks).values():
+        for module in memory_modules(trainer.model_chunks).values():
             module.gate_stats = {}
         result = original()
-        seen.append(gate_stats(trainer.chunks))
+        seen.append(gate_stats(trainer.model_chunks))
         return result
 
     trainer.train_step = spy
@@ -328,3 +328,82 @@ def test_gate_statistics_come_from_the_logged_training_steps():
         assert sorted(stats) == [1, 2, 3, 4]
         assert all(0.0 < v < 1.0 for gates in stats.values() for v in gates.values())
     assert seen[1] != seen[3]  # step 4's gates, after two more updates, are new numbers
+
+
+# ------------------------------------------------------------- one pass from flags to trainer
+def test_lm2_train_builds_the_model_config_once_from_the_data(tmp_path, monkeypatch):
+    """lm2-train resolves the data source first, builds the model config once from its
+    vocabulary and hands both to the trainer; mock and real data take the same steps."""
+    from megatron_lm2 import distributed, train
+    from megatron_lm2.training import trainer as trainer_module
+    from megatron_lm2.training.config import TrainConfig
+
+    built, started = [], []
+    original = TrainConfig.model_config
+
+    def counted(self, *args, **kwargs):
+        built.append(kwargs.get("vocab_size", args[0] if args else None))
+        return original(self, *args, **kwargs)
+
+    class Started:
+        def __init__(self, train_config, model_config, source):
+            started.append((model_config, source))
+
+        def run(self):
+            return []
+
+    monkeypatch.setattr(TrainConfig, "model_config", counted)
+    monkeypatch.setattr(trainer_module, "Trainer", Started)
+    monkeypatch.setattr(distributed, "destroy", lambda: None)
+    _write_fixture(str(tmp_path))  # its tokenizer: 2402 ids
+    common = ["--flavor", "debug", "--seq-length", "32", "--memory-chunk-size", "32", "--train-iters", "5",
+              "--lr-warmup-iters", "1", "--global-batch-size", "4", "--micro-batch-size", "2"]
+    real = ["--data-path", str(tmp_path)]
+    # (flags, the data's vocabulary, the model's): the model's is the data's padded to 128,
+    # unless --vocab-size says otherwise; mock data's is the flavor's (debug: 2048) or --vocab-size.
+    cases = [(["--mock-data"], 2048, 2048), (["--mock-data", "--vocab-size", "1000"], 1024, 1024),
+             (real, 2402, 2432), (real + ["--vocab-size", "3000"], 2402, 3072)]
+    for flags, data_vocab, model_vocab in cases:
+        built.clear(), started.clear()
+        assert train.main(common + flags) == 0
+        (model_config, source), = started
+        assert built == [data_vocab], flags  # once, from the data source's vocabulary
+        assert (source.tokenizer.vocab_size, model_config.vocab_size) == (data_vocab, model_vocab), flags
+    built.clear(), started.clear()
+    assert train.main(common + real + ["--vocab-size", "100"]) == 2  # smaller than the tokenizer's
+    assert started == [] and len(built) == 1
+    assert train.main(common + ["--mock-data", "--memory-chunk-size", "5"]) == 2  # a model knob
+    assert train.main(common + ["--dry-run", "--gpus-per-node", "1"]) == 0 and len(built) == 3  # the plan: one
+
+
+def _run_given_model_config():
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_lm2.training import data
+    from megatron_lm2.training.config import TrainConfig, parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    train_config = parse_args(COMMON + ["--train-iters", "2"], check_model=False)
+    source = data.resolve_source(train_config)
+    model_config = data.model_config_for(train_config, source)
+    built, original = [], TrainConfig.model_config
+    TrainConfig.model_config = lambda self, *a, **k: built.append(1) or original(self, *a, **k)
+    try:
+        trainer = Trainer(train_config, model_config, source)
+    finally:
+        TrainConfig.model_config = original
+    (model_chunk,) = trainer.model_chunks
+    hooks = (model_config.finalize_model_grads_func is finalize_model_grads,
+             model_config.calculate_per_token_loss is True, model_config.no_sync_func == model_chunk.no_sync)
+    losses = [record["loss"] for record in trainer.run()]
+    return dict(built=len(built), same=trainer.model_config is model_config, hooks=hooks, losses=losses)
+
+
+def test_the_trainer_trains_on_the_model_config_it_is_given():
+    """Given the model config, the trainer builds none; set_schedule_hooks set Megatron's
+    fields on it; the losses are those of Trainer(parse_args(...)), which resolves its own."""
+    given = run_distributed(_run_given_model_config, 1)[0]
+    assert given["built"] == 0 and given["same"] and given["hooks"] == (True, True, True)
+    resolved = run_distributed(_train, 1, COMMON + ["--train-iters", "2"])[0]
+    assert len(resolved) == 2 and all(math.isfinite(x) for x in resolved)
+    assert given["losses"] == resolved

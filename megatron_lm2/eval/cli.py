@@ -208,10 +208,7 @@ def cmd_inspect(args) -> int:
     if not ids:
         raise UserInputError("--text/--text-file: the text encodes to no tokens")
     tokens = torch.tensor([ids], device=next(loaded.model.parameters()).device)
-    from megatron_lm2.model import attention_mask
-
-    mask = attention_mask(len(ids), loaded.config.attention_window, tokens.device)
-    report = inspect_memory(loaded.model, tokens, attention_mask=mask)
+    report = inspect_memory(loaded.model, tokens)  # the model builds its attention-window mask
     os.makedirs(args.out, exist_ok=True)
     labels = [loaded.tokenizer.decode([i]) for i in ids] if len(ids) <= 40 else None
     plot_read_attention(report, os.path.join(args.out, "read_attention.png"), tokens=labels)

@@ -145,15 +145,12 @@ class MegatronScorer(_Scorer):
     @torch.no_grad()
     def logits(self, ids):
         from megatron_lm2.eval.decode import _gather_vocab
-        from megatron_lm2.model import attention_mask
 
         self.model.eval()
         device = next(self.model.parameters()).device
         x = torch.tensor([list(ids)], device=device)
-        # The window mask as in training (None is Megatron's plain causal mask, which would
-        # let a windowed model attend across windows it never saw together).
-        mask = attention_mask(len(ids), getattr(self.model.config, "attention_window", None), device)
-        return _gather_vocab(self.model(x, torch.arange(len(ids), device=device)[None], mask))[0].float().cpu()
+        # No mask passed: the model applies its attention window as in training, for this length.
+        return _gather_vocab(self.model(x, torch.arange(len(ids), device=device)[None], None))[0].float().cpu()
 
 
 # ------------------------------------------------------------------------------ scoring

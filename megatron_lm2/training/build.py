@@ -3,6 +3,12 @@
 Model: one LM2 GPTModel chunk per virtual pipeline stage (megatron_lm2.model.build_model),
 bf16 through Megatron's Float16Module, wrapped in Megatron-core's DistributedDataParallel with
 the distributed optimizer (gradients reduce-scattered, fp32 main weights sharded over DP).
+("Model chunk" is a pipeline chunk; a memory chunk is `memory_chunk_size` tokens.)
+
+The model config changes twice on the way, each in one named step: build_model_chunks sets
+the hardware's runtime fields before building (apply_runtime_settings: the modules read
+them), and set_schedule_hooks then gives Megatron's pipeline schedules what they read off the
+config (no_sync_func, grad_sync_func, finalize_model_grads_func, calculate_per_token_loss).
 
 Optimizer: Megatron's AdamW (get_megatron_optimizer) with weight decay on matrices only: no
 decay on norms, biases (1-D tensors) or a learned memory start value `initial_bank`, which is
@@ -27,6 +33,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_lm2.compat import cuda_available
 from megatron_lm2.config import ConfigError, LM2Config
 from megatron_lm2.model import build_model
+from megatron_lm2.specs import te_available
 from megatron_lm2.training.config import TrainConfig
 
 
@@ -35,23 +42,15 @@ def transformer_backend(train: TrainConfig) -> str:
     if train.transformer_impl != "auto":
         backend = train.transformer_impl
     else:
-        backend = "te" if cuda_available() and _te_available() else "local"
+        backend = "te" if cuda_available() and te_available() else "local"
     if train.fp8_format and (backend != "te" or not cuda_available()):
         raise ConfigError(
             f"--fp8-format {train.fp8_format} needs a CUDA GPU with Transformer Engine installed "
-            f"(found cuda={cuda_available()}, transformer_engine={_te_available()}, layer "
+            f"(found cuda={cuda_available()}, transformer_engine={te_available()}, layer "
             f"implementation {backend!r}); drop --fp8-format to train in bf16/fp32")
-    if backend == "te" and not _te_available():
+    if backend == "te" and not te_available():
         raise ConfigError("--transformer-impl te: transformer_engine does not import on this machine")
     return backend
-
-
-def _te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401  (RuntimeError, not ImportError, without CUDA)
-    except Exception:
-        return False
-    return True
 
 
 def _apex_gradient_accumulation_fusion() -> bool:
@@ -125,18 +124,22 @@ def apply_runtime_settings(config: LM2Config, settings: dict, strict: bool = Fal
 
 
 def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[DistributedDataParallel]:
+    """This rank's model chunks (one per virtual pipeline stage), on its device, DDP-wrapped.
+    First sets the runtime fields for this machine on `config` (apply_runtime_settings; the
+    modules read them when built). The schedule's fields come after, from the wrapped chunks:
+    call set_schedule_hooks(config, model_chunks) before running a schedule."""
     backend = transformer_backend(train)
     settings = runtime_settings(train, backend, cuda_available(), _apex_gradient_accumulation_fusion())
     apply_runtime_settings(config, settings, strict=getattr(train, "fused_kernels", "auto") == "on")
-    vpp = train.virtual_pipeline_model_parallel_size
-    if vpp and train.pipeline_model_parallel_size > 1:
-        chunks = [build_model(config, backend, vp_stage=i) for i in range(vpp)]
+    vpp = train.virtual_pipeline_size()
+    if vpp:
+        model_chunks = [build_model(config, backend, vp_stage=i) for i in range(vpp)]
     else:
-        chunks = [build_model(config, backend)]
+        model_chunks = [build_model(config, backend)]
     if cuda_available():
-        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+        model_chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in model_chunks]
     if config.bf16 or config.fp16:
-        chunks = [Float16Module(config, chunk) for chunk in chunks]
+        model_chunks = [Float16Module(config, chunk) for chunk in model_chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=settings["ddp"]["overlap_grad_reduce"],
@@ -150,25 +153,34 @@ def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[Distribute
             # Only the first chunk buckets: with interleaving the others sync in one go.
             disable_bucketing=index > 0,
         )
-        for index, chunk in enumerate(chunks)
+        for index, chunk in enumerate(model_chunks)
     ]
-    single = len(wrapped) == 1
-    config.no_sync_func = [chunk.no_sync for chunk in wrapped]
-    if ddp_config.overlap_grad_reduce:
-        # Pipeline schedules start each chunk's reduce-scatter as soon as its backward is done.
-        config.grad_sync_func = [chunk.start_grad_sync for chunk in wrapped]
-    if single:
-        config.no_sync_func = config.no_sync_func[0]
-        if ddp_config.overlap_grad_reduce:
-            config.grad_sync_func = config.grad_sync_func[0]
     if ddp_config.overlap_param_gather:
         for chunk in wrapped:
             _sync_params_before_reading_weights(chunk)
-    config.finalize_model_grads_func = finalize_model_grads
-    # Losses are summed over tokens and divided once by the global token count
-    # (finalize_model_grads), so DP and micro-batch splits give the same gradient.
-    config.calculate_per_token_loss = True
     return wrapped
+
+
+def set_schedule_hooks(config: LM2Config, model_chunks: List[DistributedDataParallel]) -> None:
+    """The model-config fields Megatron's forward_backward schedules read, set from the wrapped
+    model chunks (the config is the one the chunks were built with, shared by reference):
+
+      no_sync_func               DDP's no_sync, so gradients sync once per step, not per micro-batch
+      grad_sync_func             with --overlap-grad-reduce: start each chunk's reduce-scatter as
+                                 soon as its backward is done
+      finalize_model_grads_func  Megatron's finalize_model_grads: the DP reduction, the tied
+                                 embedding's all-reduce across PP, the division by the token count
+      calculate_per_token_loss   losses are token sums divided once by the global token count, so
+                                 DP and micro-batch splits give the same gradient
+    One function per field for interleaved pipelines (a list over chunks), else the function."""
+    single = len(model_chunks) == 1
+    no_sync = [chunk.no_sync for chunk in model_chunks]
+    config.no_sync_func = no_sync[0] if single else no_sync
+    if model_chunks[0].ddp_config.overlap_grad_reduce:
+        grad_sync = [chunk.start_grad_sync for chunk in model_chunks]
+        config.grad_sync_func = grad_sync[0] if single else grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.calculate_per_token_loss = True
 
 
 def _sync_params_before_reading_weights(chunk: DistributedDataParallel) -> None:
@@ -193,7 +205,7 @@ def no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
     return param.dim() == 1 or name.endswith(".bias") or name.endswith("initial_bank")
 
 
-def build_optimizer(train: TrainConfig, config: LM2Config, chunks) -> tuple:
+def build_optimizer(train: TrainConfig, config: LM2Config, model_chunks) -> tuple:
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,
@@ -211,7 +223,7 @@ def build_optimizer(train: TrainConfig, config: LM2Config, chunks) -> tuple:
         ParamKey(with_name_predicate=ParamWithNamePredicate("lm2_no_decay", no_weight_decay)):
             ParamGroupOverride(wd_mult=0.0)
     }
-    optimizer = get_megatron_optimizer(optimizer_config, chunks, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(optimizer_config, model_chunks, config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -34,7 +34,9 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron_lm2.config import ConfigError
+from megatron_lm2.config import ConfigError, LM2Config
+from megatron_lm2.flavors import get_flavor
+from megatron_lm2.model import padded_vocab_size
 from megatron_lm2.training.config import TrainConfig
 
 
@@ -59,10 +61,16 @@ class DataSource:
     manifest: Optional[str] = None
 
 
-def resolve_source(train: TrainConfig, model_vocab_size: int) -> DataSource:
-    """Find the shards, their weights and the tokenizer ids; errors name the flag and file."""
+def resolve_source(train: TrainConfig) -> DataSource:
+    """Find the shards, their weights and the tokenizer ids; errors name the flag and file.
+    The first step of a run: the model's vocabulary follows from it (model_config_for).
+
+    Mock data has no tokenizer: its vocabulary is --vocab-size, else the flavor's, padded as
+    the model's will be (the random documents use every id of the model's vocabulary)."""
     if train.mock_data:
-        return DataSource(None, TokenizerIds(model_vocab_size, eod=0, pad=model_vocab_size - 1, name="mock"))
+        vocab_size = padded_vocab_size(train.vocab_size or get_flavor(train.flavor).vocab_size,
+                                       train.tensor_model_parallel_size)
+        return DataSource(None, TokenizerIds(vocab_size, eod=0, pad=vocab_size - 1, name="mock"))
     if train.blend_file:
         if not os.path.isfile(train.blend_file):
             raise ConfigError(f"--blend-file {train.blend_file}: no such file")
@@ -99,6 +107,18 @@ def resolve_source(train: TrainConfig, model_vocab_size: int) -> DataSource:
         weights = None  # one shard: no BlendedDataset wrapper, the same samples
     ids = _ids_from_tokenizer(train.tokenizer) if train.tokenizer else _tokenizer_ids(manifest)
     return DataSource((prefixes, weights), ids, manifest or train.tokenizer)
+
+
+def model_config_for(train: TrainConfig, source: DataSource) -> LM2Config:
+    """The run's model config, built once: the flavor with the flags' overrides, parallel sizes
+    and precision, and the data's vocabulary (padded) unless --vocab-size says otherwise. Mock
+    and real data take this same path, after resolve_source."""
+    config = train.model_config(vocab_size=source.tokenizer.vocab_size)
+    if source.tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(
+            f"--vocab-size {config.vocab_size} is smaller than the tokenizer's "
+            f"{source.tokenizer.vocab_size} ({source.manifest})")
+    return config
 
 
 def expected_bin_bytes(idx_path: str) -> int:

@@ -1,9 +1,9 @@
 """Dry run: check a training layout on a CPU before asking a cluster for it.
 
     lm2-train --dry-run --nodes 4 --gpus-per-node 8 --tensor-model-parallel-size 2 ...
-    python -m megatron_lm2.training.plan --nodes 4 --gpus-per-node 8 ...   (same flags)
+    python -m megatron_lm2.training.plan --nodes 4 --gpus-per-node 8 ...   (the same command)
 
-Prints the TP/PP/DP sizes, the batch arithmetic (micro-batches per step, tokens per step),
+Prints (the command's output, not a log) the TP/PP/DP sizes, the batch arithmetic (micro-batches per step, tokens per step),
 parameters and memory per GPU (weights + gradients + distributed-optimizer states, and an
 activation estimate) and the exact torchrun command each node runs. Builds no model: the
 numbers come from megatron_lm2.accounting and the formulas below.
@@ -16,10 +16,19 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megatron_lm2.accounting import block_parameters, flops_per_token, memory_parameters, num_parameters
-from megatron_lm2.config import ConfigError, LM2Config
-from megatron_lm2.training.config import TrainConfig, parse_args
-from megatron_lm2.training.metrics import peak_tflops
+from megatron_lm2.cli_args import quiet_library_warnings
+
+quiet_library_warnings()  # before megatron-core loads (`python -m megatron_lm2.training.plan`)
+from megatron_lm2.accounting import (  # noqa: E402
+    block_parameters,
+    flops_per_token,
+    memory_parameters,
+    num_parameters,
+)
+from megatron_lm2.cli_errors import cli_entry  # noqa: E402
+from megatron_lm2.config import LM2Config  # noqa: E402
+from megatron_lm2.training.config import TrainConfig, parse_args  # noqa: E402
+from megatron_lm2.training.metrics import peak_tflops  # noqa: E402
 
 GPU_MEMORY_GIB = {"H100": 80.0, "H200": 141.0, "A100": 80.0}
 PLAN_FLAGS = ("--dry-run", "--nodes", "--gpus-per-node", "--gpu")
@@ -119,7 +128,7 @@ def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_at
 def make_plan(train: TrainConfig) -> Plan:
     world = train.nodes * train.gpus_per_node
     dp = train.data_parallel_size(world)
-    config = train.model_config()
+    config = train.model_config()  # the dry run's one model config (it reads no data)
     tp, pp = train.tensor_model_parallel_size, train.pipeline_model_parallel_size
     counts = num_parameters(config)
     per_gpu = stage_parameters(config, tp, pp)
@@ -137,7 +146,7 @@ def make_plan(train: TrainConfig) -> Plan:
     peak = peak_tflops(train.gpu, "fp8" if train.fp8_format else ("bf16" if train.bf16 else "fp32"))
     tokens = train.global_batch_size * config.seq_length
     return Plan(
-        world_size=world, tp=tp, pp=pp, dp=dp, vpp=train.virtual_pipeline_model_parallel_size,
+        world_size=world, tp=tp, pp=pp, dp=dp, vpp=train.virtual_pipeline_size(),
         micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
         num_microbatches=train.global_batch_size // (train.micro_batch_size * dp),
         tokens_per_step=tokens, parameters_total=counts.total, parameters_memory=counts.memory,
@@ -203,19 +212,14 @@ def print_plan(train: TrainConfig, argv: Sequence[str]) -> Plan:
     return plan
 
 
+@cli_entry("lm2-train")
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_lm2.cli_args import quiet_library_warnings
-
-    quiet_library_warnings()
+    """`lm2-train --dry-run` (megatron_lm2.train.main) without importing the trainer: the same
+    parse, plan and errors (tests/test_launch.py checks they agree)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--dry-run" not in argv:
         argv.append("--dry-run")
-    train = parse_args(argv)
-    try:
-        print_plan(train, argv)
-    except ConfigError as error:
-        print(f"lm2-train --dry-run: error: {error}", file=sys.stderr)
-        return 2
+    print_plan(parse_args(argv, check_model=False), argv)
     return 0
 
 

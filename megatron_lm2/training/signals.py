@@ -1,6 +1,9 @@
 """Save-and-exit on SIGTERM / SIGUSR1 (slurm preemption: `--signal=USR1@120`, or torchrun
 forwarding them). The handler only sets a flag; the trainer checks it after each step on every
-rank together (a signal may reach only some ranks), saves, and exits."""
+rank together (a signal may reach only some ranks), saves, and exits.
+
+`all_ranks(ok)` is the one "do all ranks agree" reduction: the trainer's finite-loss and
+finite-weights checks and the signal check use it."""
 
 from __future__ import annotations
 
@@ -9,7 +12,26 @@ import signal
 import torch
 import torch.distributed as dist
 
+from megatron_lm2.compat import device
+
 HANDLED = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def all_ranks(ok) -> bool:
+    """True when `ok` (a bool or a 0-d bool tensor) holds on every rank: one all-reduce of one
+    int, one host sync. Without torch.distributed, `ok` itself."""
+    if isinstance(ok, torch.Tensor):
+        flag = (~ok.to(device(), torch.bool)).to(torch.int32).reshape(1)
+    else:
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` holds on at least one (collective)."""
+    return not all_ranks(not flag)
 
 
 class ExitSignal:
@@ -25,12 +47,7 @@ class ExitSignal:
 
     def any_rank(self) -> bool:
         """True on every rank when any rank got a signal (collective)."""
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            if torch.cuda.is_available():
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -1,6 +1,13 @@
 """The training loop.
 
     Trainer(parse_args([...])).run()
+    Trainer(train_config, model_config, source).run()   # lm2-train: data and model config resolved first
+
+Set-up, in order: the parallel state; the data source (data.resolve_source) and from it the
+model config (data.model_config_for), unless given; the model chunks (pipeline chunks,
+build.build_model_chunks) and the schedule's fields on the model config
+(build.set_schedule_hooks); optimizer and LR schedule; resume; datasets. The model builds its
+own attention mask (megatron_lm2.model.LM2GPTModel); the trainer passes none.
 
 One step = `num_microbatches` micro-batches per data-parallel rank through Megatron's pipeline
 schedule (no pipelining, 1F1B, or interleaved 1F1B), losses summed over tokens and divided by
@@ -33,14 +40,21 @@ from megatron_lm2 import distributed
 from megatron_lm2.accounting import flops_per_token, num_parameters
 from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.compat import device
-from megatron_lm2.config import ConfigError
+from megatron_lm2.config import ConfigError, LM2Config
+from megatron_lm2.logs import get_logger, setup_logging
 from megatron_lm2.memory_state import gate_stats, record_gate_stats
-from megatron_lm2.model import attention_mask
 from megatron_lm2.training import checkpoint, data, metrics
-from megatron_lm2.training.build import build_model_chunks, build_optimizer, transformer_backend
+from megatron_lm2.training.build import (
+    build_model_chunks,
+    build_optimizer,
+    set_schedule_hooks,
+    transformer_backend,
+)
 from megatron_lm2.training.config import TrainConfig
 from megatron_lm2.training.integrity import CheckpointError
-from megatron_lm2.training.signals import ExitSignal
+from megatron_lm2.training.signals import ExitSignal, all_ranks
+
+log = get_logger(__name__)
 
 
 class TrainingHalted(UserInputError):
@@ -49,33 +63,32 @@ class TrainingHalted(UserInputError):
 
 
 class Trainer:
-    def __init__(self, train: TrainConfig):
-        self.train = train
-        vpp = train.virtual_pipeline_model_parallel_size if train.pipeline_model_parallel_size > 1 else None
+    def __init__(self, train_config: TrainConfig, model_config: Optional[LM2Config] = None,
+                 source: Optional[data.DataSource] = None):
+        """`model_config` and `source` as lm2-train resolves them (data.resolve_source, then
+        data.model_config_for); both left out, the trainer resolves them the same way."""
+        if (model_config is None) != (source is None):
+            raise ValueError("give both model_config and source (data.model_config_for), or neither")
+        self.train_config = train = train_config
         self.rank, self.world_size = distributed.initialize(
-            train.tensor_model_parallel_size, train.pipeline_model_parallel_size, vpp, seed=train.seed)
+            train.tensor_model_parallel_size, train.pipeline_model_parallel_size,
+            train.virtual_pipeline_size(), seed=train.seed)
+        setup_logging(self.rank)
         _check_parallel_state(train)
         self.dp_size = train.data_parallel_size(self.world_size)
         self.num_microbatches = train.num_microbatches(self.world_size)
 
-        # The model's vocabulary follows the data's tokenizer unless --vocab-size says otherwise.
-        if train.mock_data:
-            self.model_config = train.model_config()
-            self.source = data.resolve_source(train, self.model_config.vocab_size)
-        else:
-            self.source = data.resolve_source(train, model_vocab_size=0)
-            self.model_config = train.model_config(vocab_size=self.source.tokenizer.vocab_size)
-            if self.source.tokenizer.vocab_size > self.model_config.vocab_size:
-                raise ConfigError(
-                    f"--vocab-size {self.model_config.vocab_size} is smaller than the tokenizer's "
-                    f"{self.source.tokenizer.vocab_size} ({self.source.manifest})")
+        if source is None:
+            source = data.resolve_source(train)
+            model_config = data.model_config_for(train, source)
+        self.source, self.model_config = source, model_config
         self.seq_length = self.model_config.seq_length
-        self.mask = attention_mask(self.seq_length, self.model_config.attention_window, device=device())
 
-        self.chunks = build_model_chunks(train, self.model_config)
-        self.optimizer, self.scheduler = build_optimizer(train, self.model_config, self.chunks)
+        self.model_chunks = build_model_chunks(train, self.model_config)
+        set_schedule_hooks(self.model_config, self.model_chunks)
+        self.optimizer, self.scheduler = build_optimizer(train, self.model_config, self.model_chunks)
         self.forward_backward = get_forward_backward_func()
-        self._by_chunk = False  # loss_func also reports per-memory-chunk sums (validation)
+        self._by_memory_chunk = False  # loss_func also reports per-memory-chunk sums (validation)
 
         self.step = 0
         self.consumed_samples = 0
@@ -108,31 +121,31 @@ class Trainer:
     # ------------------------------------------------------------------------ set-up
     def _iterators(self, dataset, consumed: int):
         dp_rank = parallel_state.get_data_parallel_rank()
-        count = len(self.chunks)  # interleaving: one iterator per model chunk, same order
-        return [data.micro_batches(dataset, consumed, self.train.micro_batch_size, dp_rank, self.dp_size,
-                                   self.train.num_workers) if self.train.dataloader == "megatron"
-                else _dali_batches(dataset, consumed, self.train, dp_rank, self.dp_size)
+        count = len(self.model_chunks)  # interleaving: one iterator per model chunk, same order
+        return [data.micro_batches(dataset, consumed, self.train_config.micro_batch_size, dp_rank, self.dp_size,
+                                   self.train_config.num_workers) if self.train_config.dataloader == "megatron"
+                else _dali_batches(dataset, consumed, self.train_config, dp_rank, self.dp_size)
                 for _ in range(count)]
 
     def _maybe_resume(self) -> None:
-        path = checkpoint.latest_checkpoint(self.train.checkpoint_dir())
+        path = checkpoint.latest_checkpoint(self.train_config.checkpoint_dir())
         if path is None:
-            if self.train.load:
-                raise ConfigError(f"--load {self.train.load}: no checkpoint there (no 'latest' file)")
-            if self.train.init_from:
-                self._init_weights(self.train.init_from)
+            if self.train_config.load:
+                raise ConfigError(f"--load {self.train_config.load}: no checkpoint there (no 'latest' file)")
+            if self.train_config.init_from:
+                self._init_weights(self.train_config.init_from)
             return
         state, path = self._load_with_fallback(path)
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.resumed_from = path
-        if self.train.save and os.path.dirname(os.path.abspath(path)) == os.path.abspath(self.train.save):
+        if self.train_config.save and os.path.dirname(os.path.abspath(path)) == os.path.abspath(self.train_config.save):
             self._unconfirmed = path
         if checkpoint.integrity.known_good(path) is False:
-            self.log(f"WARNING: {path} is recorded as not known-good (saved while steps were being "
-                     f"skipped); --load-fallback resumes from the newest known-good one instead")
-        self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)"
+            log.warning(f"{path} is recorded as not known-good (saved while steps were being "
+                        f"skipped); --load-fallback resumes from the newest known-good one instead")
+        log.info(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed)"
                  + (f"; resharded from {state['saved_layout']}" if state["resharded"] else ""))
 
     def _load_with_fallback(self, path: str):
@@ -140,14 +153,14 @@ class Trainer:
         directory gives way to the newest older known-good one (the damaged one is renamed
         damaged-iter_N and `latest` re-pointed, so a restart cannot pick it again)."""
         directory = os.path.dirname(path)
-        fallback = self.train.load_fallback and checkpoint.step_of(path) is not None
+        fallback = self.train_config.load_fallback and checkpoint.step_of(path) is not None
         while True:
             problem = None
             if fallback and checkpoint.integrity.known_good(path) is False:
                 problem = f"{path} is recorded as not known-good (saved while steps were being skipped)"
             else:
                 try:
-                    return checkpoint.load_checkpoint(path, self.chunks, self.optimizer, self.scheduler), path
+                    return checkpoint.load_checkpoint(path, self.model_chunks, self.optimizer, self.scheduler), path
                 except CheckpointError as error:
                     if not fallback:
                         older = checkpoint.newest_known_good(directory, below=checkpoint.step_of(path))
@@ -158,10 +171,10 @@ class Trainer:
             older = checkpoint.newest_known_good(directory, below=checkpoint.step_of(path))
             if older is None:
                 raise CheckpointError(f"{problem}; --load-fallback: no older known-good checkpoint in {directory}")
-            self.log(f"WARNING: {problem}; falling back to {older}")
+            log.warning(f"{problem}; falling back to {older}")
             if self.rank == 0:
                 if checkpoint.integrity.known_good(path) is not False:
-                    self.log(f"moved the damaged checkpoint to {checkpoint.set_aside(path)}")
+                    log.info(f"moved the damaged checkpoint to {checkpoint.set_aside(path)}")
                 checkpoint.point_latest_at(older)
             if dist.is_initialized():
                 dist.barrier()
@@ -172,9 +185,9 @@ class Trainer:
         if path is None:
             raise ConfigError(f"--init-from {directory}: not a dist checkpoint (no metadata.json) and no "
                               f"'latest' file naming one")
-        checkpoint.load_weights(path, self.chunks)
+        checkpoint.load_weights(path, self.model_chunks)
         self.optimizer.reload_model_params()  # bf16: the fp32 main weights follow the loaded ones
-        self.log(f"initialised weights from {path} (fresh optimizer, step 0)")
+        log.info(f"initialised weights from {path} (fresh optimizer, step 0)")
 
     # ------------------------------------------------------------------------- steps
     def forward_step(self, data_iterator, model):
@@ -184,7 +197,7 @@ class Trainer:
         labels = batch["labels"].to(dev, non_blocking=True)
         loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
         position_ids = batch["position_ids"].to(dev, non_blocking=True)
-        output = model(tokens, position_ids, self.mask, labels=labels)
+        output = model(tokens, position_ids, None, labels=labels)  # the model builds its mask
         return output, partial(self.loss_func, loss_mask)
 
     def loss_func(self, loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -194,15 +207,15 @@ class Trainer:
         loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
         num_tokens = mask.sum().to(torch.int)
         report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
-        if self._by_chunk:
-            report["chunk loss"] = self._chunk_report(per_token_loss.detach(), loss_mask)
+        if self._by_memory_chunk:
+            report["memory chunk loss"] = self._memory_chunk_report(per_token_loss.detach(), loss_mask)
         return loss_sum, num_tokens, report
 
-    def _chunk_report(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        """[2, chunks]: summed loss and token count of the positions in memory chunk 0, 1, ...
-        of each sequence (chunk = memory_chunk_size tokens, the unit the bank is written in)."""
-        chunk = self.model_config.memory_chunk_size
-        mask = loss_mask.reshape(-1, self.seq_length // chunk, chunk).float()
+    def _memory_chunk_report(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """[2, memory chunks]: summed loss and token count of the positions in memory chunk 0,
+        1, ... of each sequence (memory_chunk_size tokens, the unit the bank is written in)."""
+        size = self.model_config.memory_chunk_size
+        mask = loss_mask.reshape(-1, self.seq_length // size, size).float()
         loss = per_token_loss.reshape(mask.shape).float() * mask
         return torch.stack([loss.sum(dim=(0, 2)), mask.sum(dim=(0, 2))])
 
@@ -226,7 +239,8 @@ class Trainer:
     def _grads_finite(self) -> bool:
         """One check per DDP gradient buffer and a single host sync (not one per parameter)."""
         checks = [torch.isfinite(buffer.grad_data).all()
-                  for chunk in self.chunks for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+                  for model_chunk in self.model_chunks
+                  for buffer in model_chunk.buffers + model_chunk.expert_parallel_buffers]
         return bool(torch.stack(checks).all()) if checks else True
 
     def _params_finite(self) -> torch.Tensor:
@@ -234,8 +248,8 @@ class Trainer:
         DDP parameter buffer (a NaN or Inf anywhere makes the sum non-finite; a finite sum can
         only overflow when weights are ~1e30, which is broken too)."""
         sums = []
-        for chunk in self.chunks:
-            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+        for model_chunk in self.model_chunks:
+            for buffer in model_chunk.buffers + model_chunk.expert_parallel_buffers:
                 if buffer.param_data is not None:
                     sums.append(torch.sum(buffer.param_data, dtype=torch.float32))
                 else:
@@ -244,44 +258,35 @@ class Trainer:
             return torch.tensor(True, device=device())
         return torch.isfinite(torch.stack(sums)).all()
 
-    def _all_ranks(self, ok) -> bool:
-        """True when `ok` (a bool or 0-d tensor) holds on every rank: one all-reduce, one sync."""
-        if isinstance(ok, torch.Tensor):
-            flag = (~ok.to(device())).to(torch.int32).reshape(1)
-        else:
-            flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0
-
     def _halt_message(self, what: str) -> str:
-        if not self.train.save:
+        if not self.train_config.save:
             where = "no checkpoints were saved (no --save). "
         else:
-            good = checkpoint.newest_known_good(self.train.save)
+            good = checkpoint.newest_known_good(self.train_config.save)
             where = (f"the newest known-good checkpoint is {good} (resume with --load {good}). " if good
-                     else f"no known-good checkpoint in {self.train.save}. ")
+                     else f"no known-good checkpoint in {self.train_config.save}. ")
         return f"halting at step {self.step}: {what}; {where}"
 
     def train_step(self) -> dict:
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
+        for model_chunk in self.model_chunks:
+            model_chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.forward_backward(
             forward_step_func=self.forward_step,
             data_iterator=self.train_iterators,
-            model=self.chunks,
+            model=self.model_chunks,
             num_microbatches=self.num_microbatches,
             seq_length=self.seq_length,
-            micro_batch_size=self.train.micro_batch_size,
+            micro_batch_size=self.train_config.micro_batch_size,
             forward_only=False,
         )
         loss = self._reduce_loss(losses)
-        finite = self._all_ranks(math.isfinite(loss) and self._grads_finite())
+        finite = all_ranks(math.isfinite(loss) and self._grads_finite())
         grad_norm = None
         if finite:
             updated, grad_norm, _ = self.optimizer.step()
             finite = bool(updated)
-            if finite and not self._all_ranks(self._params_finite()):
+            if finite and not all_ranks(self._params_finite()):
                 # Not rolled back: that would need a copy of weights and optimizer state every
                 # step; nothing after this point is saved.
                 raise TrainingHalted(self._halt_message(
@@ -304,33 +309,33 @@ class Trainer:
         `loss` (mean of the batches' mean token losses) and `loss_by_chunk` (mean token loss
         of positions in memory chunk 0, 1, ..., over all of those tokens)."""
         dp_rank = parallel_state.get_data_parallel_rank()
-        iterators = [data.micro_batches(self.valid_set, 0, self.train.micro_batch_size, dp_rank, self.dp_size)
-                     for _ in self.chunks]
-        for chunk in self.chunks:
-            chunk.eval()
-        chunks = self.seq_length // self.model_config.memory_chunk_size
-        total, by_chunk = 0.0, torch.zeros(2, chunks, dtype=torch.float64, device=device())
-        self._by_chunk = True
+        iterators = [data.micro_batches(self.valid_set, 0, self.train_config.micro_batch_size, dp_rank, self.dp_size)
+                     for _ in self.model_chunks]
+        for model_chunk in self.model_chunks:
+            model_chunk.eval()
+        memory_chunks = self.seq_length // self.model_config.memory_chunk_size
+        total, by_chunk = 0.0, torch.zeros(2, memory_chunks, dtype=torch.float64, device=device())
+        self._by_memory_chunk = True
         try:
             with torch.no_grad():
-                for _ in range(self.train.eval_iters):
+                for _ in range(self.train_config.eval_iters):
                     losses = self.forward_backward(
-                        forward_step_func=self.forward_step, data_iterator=iterators, model=self.chunks,
+                        forward_step_func=self.forward_step, data_iterator=iterators, model=self.model_chunks,
                         num_microbatches=self.num_microbatches, seq_length=self.seq_length,
-                        micro_batch_size=self.train.micro_batch_size, forward_only=True)
+                        micro_batch_size=self.train_config.micro_batch_size, forward_only=True)
                     total += self._reduce_loss(losses)
-                    by_chunk += self._reduce(losses, "chunk loss", (2, chunks))
+                    by_chunk += self._reduce(losses, "memory chunk loss", (2, memory_chunks))
         finally:
-            self._by_chunk = False
-            for chunk in self.chunks:
-                chunk.train()
+            self._by_memory_chunk = False
+            for model_chunk in self.model_chunks:
+                model_chunk.train()
         means = (by_chunk[0] / by_chunk[1].clamp(min=1)).tolist()
-        return dict(loss=total / self.train.eval_iters, loss_by_chunk=means)
+        return dict(loss=total / self.train_config.eval_iters, loss_by_chunk=means)
 
     # -------------------------------------------------------------------------- loop
     def run(self) -> List[dict]:
-        train = self.train
-        self.log(self.banner())
+        train = self.train_config
+        log.info(self.banner())
         interval_time, interval_steps = 0.0, 0
         start_step = self.step
         run_start = time.perf_counter()
@@ -340,7 +345,7 @@ class Trainer:
                 started = time.perf_counter()
                 logged = (self.step + 1) % train.log_interval == 0 or self.step + 1 == train.train_iters
                 # Gate statistics cost a reduction per gate: only on the steps the log shows.
-                with record_gate_stats(self.chunks) if logged else contextlib.nullcontext():
+                with record_gate_stats(self.model_chunks) if logged else contextlib.nullcontext():
                     result = self.train_step()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
@@ -370,7 +375,7 @@ class Trainer:
                     self.save()
                     saved_step = self.step
                 if exiting:
-                    self.log(f"exiting at step {self.step}: "
+                    log.info(f"exiting at step {self.step}: "
                              + (f"signal {self.signals.received or 'on another rank'}" if signalled
                                 else f"--exit-interval {train.exit_interval}"))
                     break
@@ -391,18 +396,18 @@ class Trainer:
 
     def save(self) -> str:
         started = time.perf_counter()
-        finite = self._all_ranks(self._params_finite())
+        finite = all_ranks(self._params_finite())
         if not finite:  # cannot happen after a checked update; loaded or initial weights may
             raise TrainingHalted(self._halt_message("the weights to be saved are not finite"))
         known_good = self.consecutive_skips == 0
         reason = ("weights finite, last step not skipped" if known_good else
                   f"saved after {self.consecutive_skips} skipped step(s) in a row")
         path = checkpoint.save_checkpoint(
-            self.train.save, self.step, self.chunks, self.optimizer, self.scheduler,
+            self.train_config.save, self.step, self.model_chunks, self.optimizer, self.scheduler,
             dict(consumed_samples=self.consumed_samples, skipped_steps=self.skipped_steps),
-            keep_last=self.train.keep_last, config=_plain(self.train.to_dict()),
+            keep_last=self.train_config.keep_last, config=_plain(self.train_config.to_dict()),
             known_good=known_good, reason=reason)
-        self.log(f"saved {path} ({time.perf_counter() - started:.1f}s)"
+        log.info(f"saved {path} ({time.perf_counter() - started:.1f}s)"
                  + ("" if known_good else f"; not known-good: {reason}"))
         self._unconfirmed = path if known_good else None
         return path
@@ -415,19 +420,19 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _log_interval(self, record, seconds, steps, run_start, start_step) -> None:
-        tokens = steps * self.train.global_batch_size * self.seq_length
+        tokens = steps * self.train_config.global_batch_size * self.seq_length
         rates = metrics.throughput(tokens, seconds, self.world_size, self.flops_per_token, self.peak)
         per_rank = [None] * self.world_size
-        dist.all_gather_object(per_rank, gate_stats(self.chunks))
+        dist.all_gather_object(per_rank, gate_stats(self.model_chunks))
         gates = metrics.gate_groups(metrics.merge_gate_stats(per_rank))
         done = self.step - start_step
-        eta = (time.perf_counter() - run_start) / max(done, 1) * (self.train.train_iters - self.step)
-        full = dict(record, train_iters=self.train.train_iters, skipped_steps=self.skipped_steps,
+        eta = (time.perf_counter() - run_start) / max(done, 1) * (self.train_config.train_iters - self.step)
+        full = dict(record, train_iters=self.train_config.train_iters, skipped_steps=self.skipped_steps,
                     consumed_samples=self.consumed_samples, step_time=seconds / steps,
                     memory_gates=gates, **rates)
         full.pop("skipped")
         if self.rank == 0:
-            print(metrics.format_line(full) + f" | eta {_duration(eta)}", flush=True)
+            log.info(metrics.format_line(full) + f" | eta {_duration(eta)}")
             self.writer.write(full)
 
     def _log_eval(self) -> None:
@@ -435,14 +440,14 @@ class Trainer:
         loss = result["loss"]
         if self.rank == 0:
             by_chunk = " ".join(f"{x:.3f}" for x in result["loss_by_chunk"])
-            print(f"validation step {self.step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "
-                  f"by memory chunk {by_chunk}", flush=True)
+            log.info(f"validation step {self.step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f} | "
+                     f"by memory chunk {by_chunk}")
             # val_loss_by_chunk: read by the scaling study (issue 13); keep the name.
             self.writer.write(dict(step=self.step, loss=loss, val_loss_by_chunk=result["loss_by_chunk"]),
                               prefix="valid")
 
     def banner(self) -> str:
-        c, t = self.model_config, self.train
+        c, t = self.model_config, self.train_config
         params = num_parameters(c)
         return (f"LM2 training: flavor {t.flavor} | {params.total / 1e6:.2f}M parameters "
                 f"({params.memory / 1e6:.2f}M memory) | layers {c.num_layers} d {c.hidden_size} "
@@ -453,15 +458,11 @@ class Trainer:
                 f"{t.train_iters} steps from step {self.step} | data "
                 f"{'mock' if self.source.blend is None else self.source.manifest}")
 
-    def log(self, message: str) -> None:
-        if self.rank == 0:
-            print(message, flush=True)
-
 
 def _check_parallel_state(train: TrainConfig) -> None:
     """Megatron's parallel state may have been set up before the trainer (tests, notebooks):
     it must be the layout the flags ask for."""
-    vpp = train.virtual_pipeline_model_parallel_size if train.pipeline_model_parallel_size > 1 else None
+    vpp = train.virtual_pipeline_size()
     now = (parallel_state.get_tensor_model_parallel_world_size(),
            parallel_state.get_pipeline_model_parallel_world_size(),
            parallel_state.get_virtual_pipeline_model_parallel_world_size())
