@@ -196,3 +196,26 @@ def test_slurm_script_forwards_usr1_and_requeues(tmp_path):
         "srun --kill-on-bad-exit=1 --ntasks-per-node=1 torchrun --nnodes 2 --nproc-per-node 8 "
         "--rdzv-backend c10d --rdzv-endpoint node001:29500 --rdzv-id 42 -m megatron_lm2.train --flavor lm2-1.7b")
     assert calls[1:] == ["scancel --signal=USR1 42", "step got USR1", "scontrol requeue 42"]
+
+
+def test_plan_main_is_lm2_train_dry_run(capsys):
+    """`python -m megatron_lm2.training.plan ARGS` = `lm2-train --dry-run ARGS`: the same plan,
+    the same one-line error and exit code."""
+    from megatron_lm2 import train
+    from megatron_lm2.training import plan
+
+    layout = ["--flavor", "debug", "--mock-data", "--nodes", "2", "--gpus-per-node", "4",
+              "--tensor-model-parallel-size", "2", "--global-batch-size", "32"]
+    outputs = []
+    for main, argv in ((train.main, layout + ["--dry-run"]), (plan.main, layout)):
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "TP 2 PP 1 DP 4" in outputs[0]
+    errors = []
+    for main, argv in ((train.main, ["--dry-run", "--memory-chunk-size", "1000"]),
+                       (plan.main, ["--memory-chunk-size", "1000"])):
+        assert main(argv) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] == ("lm2-train: error: --memory-chunk-size=1000 does not divide "
+                                      "--seq-length=2048: a training sequence must be a whole number "
+                                      "of memory chunks\n")

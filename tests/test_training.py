@@ -407,3 +407,17 @@ def test_the_trainer_trains_on_the_model_config_it_is_given():
     resolved = run_distributed(_train, 1, COMMON + ["--train-iters", "2"])[0]
     assert len(resolved) == 2 and all(math.isfinite(x) for x in resolved)
     assert given["losses"] == resolved
+
+
+def test_trainer_logging_is_plain_stdout_on_rank_zero(capsys):
+    """The trainer's lines reach stdout exactly as print wrote them, on rank 0 only."""
+    from megatron_lm2.logs import get_logger, setup_logging
+
+    log = get_logger("megatron_lm2.training.trainer")
+    setup_logging(1)
+    log.info("step 1/2 | loss 7.6350")
+    assert capsys.readouterr() == ("", "")
+    setup_logging(0)
+    log.info("step 1/2 | loss 7.6350")
+    log.warning("iter_0000002 is recorded as not known-good")
+    assert capsys.readouterr() == ("step 1/2 | loss 7.6350\nWARNING: iter_0000002 is recorded as not known-good\n", "")
