@@ -8,6 +8,8 @@
 
 Bad input (a flag, a file, a record) ends with one line naming it and exit code 2; --debug or
 LM2_DEBUG=1 shows the traceback. docs/eval.md has the details and the data layouts.
+Results (tables, JSON summaries) are printed: they are the command's output, not a log
+(the trainer logs through megatron_lm2.logs).
 """
 
 from __future__ import annotations
