@@ -60,8 +60,10 @@ RUNTIME_DEFAULTS = dict(
 )
 
 
-def _llama(**fields) -> LM2Config:
-    """Llama-3-style decoder: pre-RMSNorm, RoPE, SwiGLU, no biases, no dropout."""
+def llama_decoder(**fields) -> LM2Config:
+    """Llama-3-style decoder: pre-RMSNorm, RoPE, SwiGLU, no biases, no dropout, with these model
+    fields (the rest: LM2Config's defaults). Every flavor is one; a checkpoint's lm2_config.json
+    names all its model fields and is rebuilt here (megatron_lm2.convert.megatron_config)."""
     architecture = dict(
         normalization="RMSNorm",
         layernorm_epsilon=1e-5,
@@ -79,7 +81,7 @@ def _llama(**fields) -> LM2Config:
 @register("debug")
 def debug(**overrides) -> LM2Config:
     """Runs on a CPU in seconds. GQA (4 heads, 2 groups) so the tests cover it."""
-    return _llama(
+    return llama_decoder(
         **{
             **dict(
                 num_layers=4,
@@ -107,7 +109,7 @@ def _lm2_1p7b(**overrides) -> LM2Config:
     # The paper's LM2-1.7B: 16 blocks, d 2048, FFN 8192, 32 heads, 2048 slots, 8 memory heads.
     # Chunks of 1024 tokens: a 2048-token training sequence is two chunks, so the second half
     # reads what the first half wrote and the write path trains (docs/memory.md, "chunk size").
-    return _llama(
+    return llama_decoder(
         **{
             **dict(
                 num_layers=16,
@@ -150,7 +152,7 @@ def lm2_1p7b_mem1(**overrides) -> LM2Config:
 def _lm2_3b(**overrides) -> LM2Config:
     # Llama-3.2-3B's decoder shape with the SmolLM vocabulary; memory in every 2nd block keeps
     # memory parameters near the paper's ~30% of the total (all 28 blocks would add 1.85B).
-    return _llama(
+    return llama_decoder(
         **{
             **dict(
                 num_layers=28,
@@ -183,7 +185,7 @@ def llama_3b(**overrides) -> LM2Config:
 
 def _lm2_8b(**overrides) -> LM2Config:
     # Llama-3-8B's decoder shape and vocabulary; memory in every 4th block (8 of 32).
-    return _llama(
+    return llama_decoder(
         **{
             **dict(
                 num_layers=32,

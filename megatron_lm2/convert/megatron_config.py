@@ -1,9 +1,16 @@
 """The model config stored next to a Megatron checkpoint (`lm2_config.json`), and its mapping to
 and from the Hugging Face configs (LM2Config with remote code, or LlamaConfig).
 
-Only the fields that define the network are stored; everything else (dtypes, fusions, init)
-comes from the Llama-3 defaults of megatron_lm2.flavors. The converter supports what the
-flavors build: RMSNorm, SwiGLU, RoPE, no biases, no QK norm, no MoE.
+    {"format_version": 2, "model": {"num_layers": 16, ..., "params_dtype": "bfloat16",
+     "vocab_size": 49152, ..., "memory_layers": null, ...}, "tensor_model_parallel_size": 2, ...}
+
+"model" holds every model field megatron_lm2.config declares (MODEL_FIELDS; JSON values: tuples
+as lists, the dtype by name), and a reader needs all of them (a field declared
+optional_in_record may be absent: it came later, and its default is what older models did).
+Everything else (norm, activation, fusions, init) is the Llama-3 decoder of
+megatron_lm2.flavors.llama_decoder. lm2-train writes the file into every checkpoint, lm2-convert
+into the checkpoints it makes. The converter supports what the flavors build: RMSNorm, SwiGLU,
+RoPE, no biases, no QK norm, no MoE.
 """
 
 from __future__ import annotations
@@ -14,40 +21,19 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from megatron_lm2.config import LM2Config
-from megatron_lm2.flavors import get_flavor
+from megatron_lm2.config import MODEL_FIELDS, ConfigError, LM2Config
+from megatron_lm2.fileio import write_json_atomic
+from megatron_lm2.flavors import get_flavor, llama_decoder
 
 CONFIG_FILE = "lm2_config.json"
-FORMAT_VERSION = 1
+# 2: params_dtype in "model"; version-1 records (lm2-convert's, without it) read the same way.
+FORMAT_VERSION = 2
 
-ARCH_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "seq_length",
-    "tie_embeddings",
-    "rotary_base",
-    "layernorm_epsilon",
-    "memory_slots",
-    "memory_heads",
-    "memory_chunk_size",
-    "memory_write",
-    "memory_init",
-    "memory_layers",
-    "memory_bptt_chunks",
-    "attention_window",
-)
+_FIELDS = {knob.name: knob for knob in MODEL_FIELDS}
+ARCH_FIELDS = tuple(_FIELDS)
+# Knobs with the same name, default and meaning in LM2Config and the HF LM2Config.
+HF_FIELDS = tuple(knob.name for knob in MODEL_FIELDS if knob.hf)
 
-
-# Memory fields with the same name and meaning in LM2Config and the HF LM2Config.
-_SHARED_MEMORY_FIELDS = (
-    "memory_slots", "memory_heads", "memory_chunk_size", "memory_write", "memory_init",
-    "attention_window",
-)
 
 def check_supported(config: LM2Config) -> None:
     """The converter maps a Llama-3 decoder; refuse anything else by name."""
@@ -68,31 +54,48 @@ def check_supported(config: LM2Config) -> None:
 
 def config_to_dict(config: LM2Config) -> dict:
     check_supported(config)
-    fields = {name: getattr(config, name) for name in ARCH_FIELDS}
-    if fields["memory_layers"] is not None:
-        fields["memory_layers"] = list(fields["memory_layers"])
-    return fields
+    return {name: knob.plain(getattr(config, name)) for name, knob in _FIELDS.items()}
 
 
 def config_from_dict(fields: dict, source: str = "config") -> LM2Config:
-    unknown = sorted(set(fields) - set(ARCH_FIELDS))
+    """The LM2Config a record's "model" describes; every declared field must be there."""
+    unknown = sorted(set(fields) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"{source}: unknown model field(s) {unknown}")
-    missing = sorted(set(ARCH_FIELDS) - set(fields) - {"memory_bptt_chunks", "attention_window"})
+        raise ConfigError(f"{source}: unknown model field(s) {unknown}")
+    missing = [name for name, knob in _FIELDS.items() if name not in fields and not knob.optional_in_record]
     if missing:
-        raise ValueError(f"{source}: missing model field(s) {missing}")
-    values = dict(fields)
-    if values.get("memory_layers") is not None:
-        values["memory_layers"] = tuple(values["memory_layers"])
-    # Every architecture field is given, so the flavor only contributes the Llama-3 defaults.
-    return get_flavor("debug", **values)
+        raise ConfigError(f"{source}: missing model field(s) {missing}")
+    try:
+        values = {name: _FIELDS[name].coerce(value) for name, value in fields.items()}
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    if "params_dtype" in values:
+        values["pipeline_dtype"] = values["params_dtype"]
+    return llama_decoder(**values)
+
+
+def config_from_run_flags(run: dict, vocab_size: int | None = None, source: str = "checkpoint") -> LM2Config:
+    """The model of an lm2-train checkpoint from before it carried lm2_config.json: the run's
+    flavor with the model flags the run was given (its saved config; None = the flavor's value),
+    read through the field declaration, not the trainer's flag parser. vocab_size: the saved
+    embedding's rows (a run may have taken its vocabulary from the tokenizer, and padded it)."""
+    overrides = {}
+    for knob in MODEL_FIELDS:
+        if knob.flag and run.get(knob.name) is not None:
+            overrides[knob.name] = knob.coerce(run[knob.name])
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    try:
+        return get_flavor(run["flavor"], **overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: the run's saved flags do not build a model: {error}") from None
 
 
 def write_config(config: LM2Config, path: str | os.PathLike, **extra) -> None:
+    """lm2_config.json for `config`, atomically (tmp + fsync + rename); `extra`: top-level
+    entries beside "model" (the layout it was saved at)."""
     record = {"format_version": FORMAT_VERSION, "model": config_to_dict(config), **extra}
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, record, indent=2, end="\n", fsync=True)
 
 
 def read_config(checkpoint_dir: str | os.PathLike) -> LM2Config:
@@ -105,6 +108,9 @@ def read_config(checkpoint_dir: str | os.PathLike) -> LM2Config:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(record, dict) or "model" not in record:
         raise ValueError(f"{path}: expected an object with a 'model' entry")
+    if record.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {record['format_version']} is newer than this "
+                         f"code reads ({FORMAT_VERSION}); update megatron-lm2")
     return config_from_dict(record["model"], source=str(path))
 
 
@@ -142,13 +148,9 @@ def to_hf_config(config: LM2Config, **token_ids):
         return llama
     from megatron_lm2.convert.hf_lm2.configuration_lm2 import LM2Config as HFLM2Config
 
-    return HFLM2Config(
-        **kwargs,
-        rope_theta=float(config.rotary_base),
-        **{name: getattr(config, name) for name in _SHARED_MEMORY_FIELDS},
-        memory_layers=list(config.memory_layer_numbers),
-        **token_ids,
-    )
+    knobs = {name: getattr(config, name) for name in HF_FIELDS}
+    knobs["memory_layers"] = list(config.memory_layer_numbers)
+    return HFLM2Config(**kwargs, rope_theta=float(config.rotary_base), **knobs, **token_ids)
 
 
 def _set_rope_theta(llama_config, theta) -> None:
@@ -197,11 +199,9 @@ def from_hf_config(hf_config, vocab_size: int, seq_length: int | None = None) ->
     if model_type == "llama":
         fields.update(memory_layers=())
     else:
-        fields.update(
-            {name: getattr(hf_config, name) for name in _SHARED_MEMORY_FIELDS},
-            memory_layers=tuple(hf_config.memory_layer_numbers),
-        )
-    return get_flavor("debug", **fields)
+        fields.update({name: getattr(hf_config, name) for name in HF_FIELDS},
+                      memory_layers=tuple(hf_config.memory_layer_numbers))
+    return llama_decoder(**fields)
 
 
 def _as_number(theta: float):

@@ -6,7 +6,8 @@ dist_checkpointing reshards on load, so the converter never re-implements TP/PP 
 Writing goes the same way: a TP=1/PP=1 model saved with dist_checkpointing, which any TP/PP
 loads.
 
-The model config travels next to the weights as `lm2_config.json` (megatron_config.py).
+The model config travels next to the weights as `lm2_config.json` (megatron_config.py): lm2-train
+writes it into every checkpoint, and so does this module's save_checkpoint.
 A training checkpoint's lm2_integrity.json (megatron_lm2.training.integrity) is verified before
 loading: a damaged file is refused naming it.
 """
@@ -22,7 +23,7 @@ from typing import Dict
 
 import torch
 
-from megatron_lm2.convert.megatron_config import CONFIG_FILE, read_config, write_config
+from megatron_lm2.convert.megatron_config import CONFIG_FILE, config_from_run_flags, read_config, write_config
 # One error type for an unusable checkpoint, in training and in conversion.
 from megatron_lm2.training.integrity import CheckpointError, verify
 from megatron_lm2.training.integrity import describe as _first_line
@@ -97,9 +98,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def checkpoint_config(path: Path, metadata):
-    """The model config of a checkpoint: lm2_config.json when present (lm2-convert writes it),
-    else the training run's config that lm2-train stores in the checkpoint, with the
-    vocabulary size taken from the saved embedding."""
+    """The model config of a checkpoint: its lm2_config.json. A training checkpoint written before
+    lm2-train stored one is rebuilt from the run's flags that it does store (its flavor and model
+    overrides), with the vocabulary size of the saved embedding."""
     if (path / CONFIG_FILE).is_file():
         return read_config(path)
     from megatron.core import dist_checkpointing
@@ -116,15 +117,8 @@ def checkpoint_config(path: Path, metadata):
             f"{path}: no {CONFIG_FILE} and no training config in the checkpoint: cannot tell "
             f"which model it holds"
         )
-    from megatron_lm2.training.config import TrainConfig
-
-    known = set(TrainConfig.__dataclass_fields__)
-    train = TrainConfig(**{k: v for k, v in run.items() if k in known})
     info = embedding_info(metadata)
-    config = train.model_config(vocab_size=info[0][0] if info else None)
-    if info and info[0][0] != config.vocab_size:
-        config = config.replace(vocab_size=info[0][0])
-    return config
+    return config_from_run_flags(run, vocab_size=info[0][0] if info else None, source=str(path))
 
 
 def check_checkpoint_dir(path: str | os.PathLike) -> Path:

@@ -9,7 +9,12 @@ Layout of a save directory:
     <save>/.tmp-iter_0000400/ a save in progress (deleted by the next save)
     <save>/damaged-iter_0000500/  a checkpoint --load-fallback found damaged (kept for a look)
 
-Every checkpoint holds lm2_integrity.json (integrity.py): its files' sizes and sha256, and
+Every checkpoint holds lm2_config.json (convert/megatron_config.py): the model it holds, every
+model field (vocabulary and dtype included), so that conversion and evaluation read the model
+from the checkpoint itself, not from the run's flags.
+
+Every checkpoint holds lm2_integrity.json (integrity.py): its files' sizes and sha256 (the
+config's too), and
 whether the trainer knew its weights to be good (all finite, last step not skipped). Loading
 verifies the checksums first and refuses a damaged checkpoint naming the file; keep-last never
 deletes the newest known-good checkpoint, even when it is older than the last K.
@@ -41,6 +46,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_lm2.compat import checkpoint_writer_dies_with_us, patch_torch_adam_loading
 from megatron_lm2.compat import cuda_available
+from megatron_lm2.convert.megatron_config import CONFIG_FILE, write_config
 from megatron_lm2.training import integrity
 from megatron_lm2.training.integrity import CheckpointError
 
@@ -121,11 +127,19 @@ def _rng_object(state: Optional[dict]) -> ShardedObject:
     )
 
 
+def _model_key(index: int, chunks) -> str:
+    """The checkpoint key of model chunk `index`: "model", or model0, model1, ... with virtual
+    pipeline stages (Megatron-LM's names)."""
+    return "model" if len(chunks) == 1 else f"model{index}"
+
+
+def _model_state(chunks) -> dict:
+    return {_model_key(i, chunks): unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+            for i, chunk in enumerate(chunks)}
+
+
 def _sharded_state(chunks, optimizer, is_loading: bool, with_rng: bool) -> dict:
-    state = {}
-    for index, chunk in enumerate(chunks):
-        key = "model" if len(chunks) == 1 else f"model{index}"
-        state[key] = unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+    state = _model_state(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=SHARDING_METADATA)
     if with_rng:
@@ -215,6 +229,11 @@ def save_checkpoint(directory: str, step: int, chunks, optimizer, scheduler, tra
     state["layout"] = _layout()
     state["config"] = config or {}
     dist_checkpointing.save(state, tmp)
+    if dist.get_rank() == 0:  # before the integrity record, which hashes it too
+        model = unwrap(chunks[0]).config
+        write_config(model, os.path.join(tmp, CONFIG_FILE),
+                     tensor_model_parallel_size=model.tensor_model_parallel_size,
+                     pipeline_model_parallel_size=model.pipeline_model_parallel_size)
     _barrier()
     integrity.write_record(tmp, step, known_good, reason)  # collective: hashing split over ranks
     _barrier()
@@ -326,8 +345,7 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: boo
                            with_rng=same_layout)
     loaded = _load(state, path)
     for index, chunk in enumerate(chunks):
-        key = "model" if len(chunks) == 1 else f"model{index}"
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap(chunk).load_state_dict(loaded[_model_key(index, chunks)], strict=True)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
@@ -350,9 +368,8 @@ def read_train_state(path: str) -> dict:
 def load_weights(path: str, chunks) -> None:
     """Weights only (any TP/PP layout): the model tensors of a dist checkpoint, e.g. one written by
     `lm2-convert from-hf` or a training checkpoint whose optimizer state is to be dropped."""
-    state = {("model" if len(chunks) == 1 else f"model{i}"): unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
-             for i, chunk in enumerate(chunks)}
+    state = _model_state(chunks)
     verify_checkpoint(path)
     loaded = _load(state, path)
-    for key, chunk in zip(state, chunks):
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    for index, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[_model_key(index, chunks)], strict=True)

@@ -1,8 +1,12 @@
 """TrainConfig: the one typed configuration of a training run, and its command-line flags.
 
 Every field is one Megatron-style flag (`tensor_model_parallel_size` <-> `--tensor-model-parallel-size`);
-the parser is generated from the dataclass, so the CLI cannot drift from the config. Defaults are
-the LM2 paper's 1.7B recipe (docs/training.md). Model fields left at None keep the flavor's
+the parser is generated from the dataclass by type (bool: a switch; Literal or declared choices: a
+choice; tuple/list: several values; any other type converts the text), so the CLI cannot drift
+from the config. Defaults are the LM2 paper's 1.7B recipe (docs/training.md).
+
+The model flags are not written here: ModelFlags is generated from the model fields that
+megatron_lm2.config declares (LM2Config), each Optional with default None = keep the flavor's
 value; set ones override it (`--flavor debug --num-layers 2 --seq-length 128`).
 
     config = parse_args(["--flavor", "debug", "--train-iters", "10", "--mock-data"])
@@ -15,11 +19,13 @@ import argparse
 import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import List, Literal, Optional, Sequence
 
 from megatron_lm2.cli_args import ArgumentParser
-from megatron_lm2.config import ConfigError, LM2Config
+from megatron_lm2.config import MODEL_FIELDS as DECLARED_MODEL_FIELDS
+from megatron_lm2.config import ConfigError, LM2Config, without_optional
 
 DATALOADERS = ("megatron", "dali")
 FP8_FORMATS = ("hybrid", "e4m3")
@@ -39,32 +45,25 @@ def _f(default, help, **kw):
     return field(default=default, metadata=_flag(help, **kw))
 
 
+def _model_flags() -> type:
+    """The dataclass of the model flags: --flavor, then every declared model field lm2-train
+    overrides, typed Optional[its type], default None (= the flavor's value)."""
+    specs = [("flavor", str, _f("lm2-1.7b", "model flavor (megatron_lm2.flavors.list_flavors())", group="model"))]
+    for knob in DECLARED_MODEL_FIELDS:
+        if knob.flag:
+            specs.append((knob.name, Optional[knob.value_type],
+                          _f(None, knob.help, choices=knob.choices, positive=knob.positive, group="model")))
+    flags = dataclasses.make_dataclass("ModelFlags", specs, kw_only=True)
+    flags.__module__ = __name__
+    return flags
+
+
+ModelFlags = _model_flags()
+
+
 @dataclass(kw_only=True)
-class TrainConfig:
-    # ---- model: a flavor plus overrides (None = the flavor's value)
-    flavor: str = _f("lm2-1.7b", "model flavor (megatron_lm2.flavors.list_flavors())", group="model")
-    num_layers: Optional[int] = _f(None, "override the flavor's number of blocks", positive=True, group="model")
-    hidden_size: Optional[int] = _f(None, "override the hidden size", positive=True, group="model")
-    ffn_hidden_size: Optional[int] = _f(None, "override the MLP width", positive=True, group="model")
-    num_attention_heads: Optional[int] = _f(None, "override attention heads", positive=True, group="model")
-    num_query_groups: Optional[int] = _f(None, "override GQA groups", positive=True, group="model")
-    vocab_size: Optional[int] = _f(
-        None, "model vocabulary (default: the data's tokenizer, else the flavor's); padded to "
-        "a multiple of 128*TP", positive=True, group="model")
-    seq_length: Optional[int] = _f(None, "training sequence length in tokens", positive=True, group="model")
-    memory_slots: Optional[int] = _f(None, "memory bank slots N", positive=True, group="model")
-    memory_heads: Optional[int] = _f(None, "memory read heads", positive=True, group="model")
-    memory_chunk_size: Optional[int] = _f(
-        None, "tokens per memory chunk (the bank is written once per chunk; must divide "
-        "--seq-length)", positive=True, group="model")
-    memory_write: Optional[str] = _f(None, "memory write mode", choices=("attention", "aligned"), group="model")
-    memory_init: Optional[str] = _f(None, "memory start value M_0", choices=("identity", "learned"), group="model")
-    memory_layers: Optional[list] = _f(
-        None, "1-based block numbers that carry a memory bank (for none, use a vanilla "
-        "flavor such as debug-vanilla)", nargs="+", group="model")
-    memory_bptt_chunks: Optional[int] = _f(None, "truncate backprop through the bank every k chunks",
-                                           positive=True, group="model")
-    attention_window: Optional[int] = _f(None, "self-attention window in tokens", positive=True, group="model")
+class TrainConfig(ModelFlags):
+    # ---- model: --flavor and the overrides come from ModelFlags
     transformer_impl: str = _f("auto", "layer implementation: 'te' (Transformer Engine, GPU), 'local', "
                                "or auto (te when CUDA and TE import)", choices=("auto", "local", "te"),
                                group="model")
@@ -120,7 +119,7 @@ class TrainConfig:
                                 "gradients (each is skipped)", positive=True)
 
     # ---- data
-    data_path: Optional[list] = _f(
+    data_path: Optional[List[str]] = _f(
         None, "a preprocessed directory (manifest.json + blend.json), or Megatron-style "
         "'[weight] prefix ...' shard prefixes", nargs="+", group="data")
     blend_file: Optional[str] = _f(None, "blend.json from lm2-preprocess (prefixes + weights)", group="data")
@@ -172,11 +171,8 @@ class TrainConfig:
     gpu: str = _f("H100", "GPU type for the dry run's MFU/memory table", group="plan")
 
     # ------------------------------------------------------------------------------
-    MODEL_FIELDS = (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-        "vocab_size", "seq_length", "memory_slots", "memory_heads", "memory_chunk_size",
-        "memory_write", "memory_init", "memory_layers", "memory_bptt_chunks", "attention_window",
-    )
+    # The model fields lm2-train overrides (ModelFlags' fields but --flavor).
+    MODEL_FIELDS = tuple(knob.name for knob in DECLARED_MODEL_FIELDS if knob.flag)
 
     def validate(self, world_size: Optional[int] = None, check_model: bool = True) -> None:
         """Cross-field checks; ConfigError names the flag(s). check_model=False leaves the model's
@@ -269,10 +265,7 @@ class TrainConfig:
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size(world_size))
 
     def model_overrides(self) -> dict:
-        overrides = {name: getattr(self, name) for name in self.MODEL_FIELDS if getattr(self, name) is not None}
-        if "memory_layers" in overrides:
-            overrides["memory_layers"] = tuple(int(n) for n in overrides["memory_layers"])
-        return overrides
+        return {name: getattr(self, name) for name in self.MODEL_FIELDS if getattr(self, name) is not None}
 
     def model_config(self, vocab_size: Optional[int] = None) -> LM2Config:
         """The flavor with this run's overrides, parallel sizes and precision."""
@@ -311,8 +304,8 @@ class TrainConfig:
             padded = padded_vocab_size(config.vocab_size, tp)
             if padded != config.vocab_size:
                 config = config.replace(vocab_size=padded)
-        except ConfigError as error:
-            raise ConfigError(_name_flags(str(error))) from None
+        except ConfigError as error:  # LM2Config names fields; name the flags a user typed
+            raise error.named(_flag_or_field) from None
         if config.num_layers % self.pipeline_model_parallel_size:
             raise ConfigError(
                 f"--num-layers {config.num_layers} is not divisible by --pipeline-model-parallel-size "
@@ -351,16 +344,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _name_flags(message: str) -> str:
-    """LM2Config names fields (memory_chunk_size=...); name the flags a user typed instead."""
-    for name in TrainConfig.MODEL_FIELDS + ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        message = message.replace(f"{name}=", f"{flag(name)}=")
-    return message
+def _flag_or_field(name: str) -> str:
+    """A config field's flag when lm2-train has one (--memory-chunk-size), else its name."""
+    return flag(name) if name in TrainConfig.__dataclass_fields__ else name
 
 
 # --------------------------------------------------------------------------- parser
-_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
-          "Optional[str]": str, "Optional[list]": str, "bool": bool}
+GROUP_DESCRIPTIONS = {"model": "a flavor plus overrides: a model flag left unset keeps the flavor's value"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,28 +360,57 @@ def build_parser() -> argparse.ArgumentParser:
         "paper's 1.7B recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    groups = {}
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        kind = _TYPES[str(f.type)]
-        if kind is bool:
-            group.add_argument(flag(f.name), dest=f.name, action="store_true", help=meta["help"])
-            continue
-        group.add_argument(
-            flag(f.name), *meta.get("aliases", ()), dest=f.name, type=_checked(kind, f.name, meta),
-            default=f.default,
-            choices=meta["choices"], nargs=meta["nargs"], help=meta["help"],
-            metavar=f.name.upper() if meta["choices"] is None else None,
-        )
+    add_flags(parser, TrainConfig)
     return parser
+
+
+def add_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of the dataclass `config_class` (its metadata from _f), chosen by the
+    field's type: Optional[X] is X; bool: a switch (store_true); Literal[...] or declared choices:
+    one of them; tuple[X, ...] / list[X]: one or more X (a tuple or a list); any other type (int,
+    float, str, Path, ...) converts the text itself."""
+    groups = {}
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        meta = f.metadata
+        group = groups.get(meta["group"])
+        if group is None:
+            group = groups[meta["group"]] = parser.add_argument_group(
+                meta["group"], GROUP_DESCRIPTIONS.get(meta["group"]))
+        names = (flag(f.name), *meta.get("aliases", ()))
+        kind, choices, nargs, action = without_optional(hints[f.name]), meta["choices"], meta["nargs"], "store"
+        if kind is bool:
+            group.add_argument(*names, dest=f.name, action="store_true", default=f.default, help=meta["help"])
+            continue
+        origin = typing.get_origin(kind) or kind
+        if origin is Literal:
+            choices = choices or typing.get_args(kind)
+            kind = type(typing.get_args(kind)[0])
+        elif origin in (tuple, list):
+            args = typing.get_args(kind)
+            if origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
+                raise TypeError(f"{config_class.__name__}.{f.name}: {kind} has a fixed length; use tuple[X, ...]")
+            kind, nargs = (args[0] if args else str), "+"
+            action = _StoreTuple if origin is tuple else "store"
+        group.add_argument(
+            *names, dest=f.name, action=action, type=_checked(kind, f.name, meta), default=f.default,
+            choices=choices, nargs=nargs, help=meta["help"],
+            metavar=f.name.upper() if choices is None else None,
+        )
+
+
+class _StoreTuple(argparse.Action):
+    """nargs="+" as a tuple (a field typed tuple[X, ...] gets one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(values))
 
 
 def _checked(kind, name, meta):
     def convert(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, TypeError):
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
         if kind is float and not math.isfinite(value):  # float() takes 'nan' and 'inf'
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
@@ -401,7 +420,7 @@ def _checked(kind, name, meta):
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
 
-    convert.__name__ = kind.__name__
+    convert.__name__ = getattr(kind, "__name__", str(kind))
     return convert
 
 

@@ -1,13 +1,16 @@
 """LM2Config for Hugging Face transformers: a Llama-3 decoder plus the LM2 memory knobs.
 
 This file is copied next to the weights of every exported LM2 model and loaded with
-`trust_remote_code=True`, so it imports only torch and transformers.
+`trust_remote_code=True`, so it imports only torch and transformers. Its memory knobs (the
+__init__ defaults and CHOICES) are therefore a copy of the declaration in megatron_lm2/config.py
+(LM2Config, hf=True); tests/test_model_fields.py checks that the two agree field by field.
 """
 
 from transformers import PretrainedConfig
 
 MEMORY_WRITE_MODES = ("attention", "aligned")
 MEMORY_INIT_MODES = ("identity", "learned")
+CHOICES = {"memory_write": MEMORY_WRITE_MODES, "memory_init": MEMORY_INIT_MODES}
 
 
 class LM2Config(PretrainedConfig):
