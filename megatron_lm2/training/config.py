@@ -35,9 +35,8 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
 LR_WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 
 
-def _flag(help: str, *, choices=None, nargs=None, positive=False, nonneg=False, group="training",
-          aliases=()):
-    return dict(help=help, choices=choices, nargs=nargs, positive=positive, nonneg=nonneg, group=group,
+def _flag(help: str, *, choices=None, positive=False, nonneg=False, group="training", aliases=()):
+    return dict(help=help, choices=choices, positive=positive, nonneg=nonneg, group=group,
                 aliases=tuple(aliases))
 
 
@@ -121,7 +120,7 @@ class TrainConfig(ModelFlags):
     # ---- data
     data_path: Optional[List[str]] = _f(
         None, "a preprocessed directory (manifest.json + blend.json), or Megatron-style "
-        "'[weight] prefix ...' shard prefixes", nargs="+", group="data")
+        "'[weight] prefix ...' shard prefixes", group="data")
     blend_file: Optional[str] = _f(None, "blend.json from lm2-preprocess (prefixes + weights)", group="data")
     tokenizer: Optional[str] = _f(
         None, "tokenizer file or directory whose vocab size and end-of-document id the data "
@@ -378,7 +377,8 @@ def add_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
             group = groups[meta["group"]] = parser.add_argument_group(
                 meta["group"], GROUP_DESCRIPTIONS.get(meta["group"]))
         names = (flag(f.name), *meta.get("aliases", ()))
-        kind, choices, nargs, action = without_optional(hints[f.name]), meta["choices"], meta["nargs"], "store"
+        kind, choices = without_optional(hints[f.name]), meta["choices"]
+        nargs, action = None, "store"
         if kind is bool:
             group.add_argument(*names, dest=f.name, action="store_true", default=f.default, help=meta["help"])
             continue
