@@ -25,6 +25,10 @@ so a prototype write can be measured before it lands in the module:
                 per-head logit scale, one for the read (init --tau-read) and one for the write
                 (init --tau-write), as QK-norm does for self-attention
     qknorm-salience  both
+    token       no write scores at all: slot i takes token i of the chunk (N = C), gated as today
+                (g_in, g_forget from that token's state). No softmax over the chunk, so nothing
+                dilutes a fact by 1/C; the read's softmax over slots is the one thing to learn,
+                as self-attention over the previous chunk would
     module      the module's own forward, whatever its memory_write is (no diagnostics but
                 accuracy and gradients)
 """
@@ -49,7 +53,7 @@ import torch
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
-WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "module")
+WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "module")
 RESULTS = "benchmarks/memory_scaling.jsonl"
 
 
@@ -143,8 +147,14 @@ def study_forward(self, hidden_states, **unused):
                 # this token. Zero at init (= the write without it); first-order in its weight.
                 bias = torch.einsum("cbd,hd->bhc", hidden_states[start:end], self.write_salience)
                 write_logits = write_logits + bias[:, :, None, :]
-            w = torch.softmax(write_logits, dim=-1)
-            content = torch.einsum("bhnc,cbhe->bnhe", w, values[start:end]).reshape(batch, n, d)
+            if self.study_write == "token":
+                if n != end - start:
+                    raise ValueError(f"write 'token' needs slots = chunk, got N={n}, C={end - start}")
+                w = torch.eye(n, dtype=hidden_states.dtype).expand(batch, h, n, n)
+                content = hidden_states[start:end].transpose(0, 1)
+            else:
+                w = torch.softmax(write_logits, dim=-1)
+                content = torch.einsum("bhnc,cbhe->bnhe", w, values[start:end]).reshape(batch, n, d)
             if hasattr(self, "linear_gates"):  # both gates in one GEMM: rows [input; forget]
                 g_in, g_forget = torch.sigmoid(self.linear_gates(content)[0]).chunk(2, dim=-1)
             else:
@@ -199,9 +209,12 @@ def build(cfg_args: dict, seed: int):
 
     spec = task_spec(cfg_args)
     flavor = "debug" if cfg_args["model"] == "lm2" else "debug-vanilla"
+    # The module's own write mode: "token" where the study runs it (so `module` can run it too),
+    # else the default; study_forward replaces the forward for every other mode.
+    memory_write = cfg_args.get("memory_write") or ("token" if cfg_args["write"] == "token" else "attention")
     config = get_flavor(flavor, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
                         attention_window=spec.chunk, memory_chunk_size=spec.chunk,
-                        memory_slots=cfg_args["slots"])
+                        memory_slots=cfg_args["slots"], memory_write=memory_write)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_model(config)

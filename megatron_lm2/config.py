@@ -23,7 +23,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lm2.cli_errors import UserInputError
 
-MEMORY_WRITE_MODES = ("attention", "aligned")
+# attention: slots gather the chunk by the read's scores; token: slot i <- token i (N = C), no
+# scores; aligned: the paper's equations literally (N = C). docs/memory.md.
+MEMORY_WRITE_MODES = ("attention", "token", "aligned")
 MEMORY_INIT_MODES = ("identity", "learned")
 
 
@@ -171,7 +173,7 @@ class LM2Config(TransformerConfig):
                 "{memory_chunk_size} does not divide {seq_length}: a training sequence must be a "
                 "whole number of memory chunks",
                 memory_chunk_size=self.memory_chunk_size, seq_length=self.seq_length)
-        if self.memory_write == "aligned" and self.memory_slots != self.memory_chunk_size:
+        if self.memory_write in ("aligned", "token") and self.memory_slots != self.memory_chunk_size:
             raise ConfigError(
                 "{memory_write} lines slot i up with token i of a chunk, so {memory_slots} must "
                 "equal {memory_chunk_size}", memory_write=self.memory_write,

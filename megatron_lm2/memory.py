@@ -18,6 +18,7 @@ the fused CPU kernel here), so no [C, N] score matrix is ever stored:
     read   E_mem = SDPA(Q, K, V)                 tokens attend over slots
     write  U     = SDPA(K, Q, E)                 slots attend over the chunk's tokens: the
                                                  read's scores, soft-maxed over tokens
+           U     = E  (memory_write="token")     slot i <- token i of the chunk, N = C
 Chunk 0 of a fresh sequence reads M_0, the same for every sample: its keys and values are
 computed once, not per sample (with the identity M_0 they are columns of W_KV, no GEMM).
 
@@ -282,8 +283,8 @@ class LM2Memory(MegatronModule):
         # Output rows are laid out per head as [k_h; v_h], so a rank's slice holds whole heads.
         self.linear_kv = column(submodules.linear_kv, 2 * d, "mem_kv")
         self.linear_out_gate = column(submodules.linear_out_gate, d, "mem_out_gate")
-        if self.write_mode == "attention":
-            # Both gates read the write content U: one GEMM. Per rank the output rows are
+        if self.write_mode in ("attention", "token"):
+            # Both gates read the write content U (the token itself for "token"): one GEMM. Per rank the output rows are
             # [this rank's input-gate rows; its forget-gate rows]; checkpoints and state dicts
             # keep the two gates' own names and layouts (_split_gates / _fuse_gates).
             # stride=2: a CPU-initialised master weight [W_in; W_forget] is dealt out the same way
@@ -325,7 +326,7 @@ class LM2Memory(MegatronModule):
         self.pending_tokens: Optional[Tensor] = None
         self.record_gates: Optional[bool] = None
         self.gate_stats: dict[str, Tensor] = {}
-        if self.write_mode == "attention":
+        if self.write_mode in ("attention", "token"):
             self._register_state_dict_hook(LM2Memory._split_gates)
             self._register_load_state_dict_pre_hook(self._fuse_gates, with_module=False)
 
@@ -394,9 +395,11 @@ class LM2Memory(MegatronModule):
         tail = seq_len - starts[-1]
         num_written = len(starts) - 1 + (1 if self.carry and tail == self.chunk_size else 0)
         in_logits = None
-        if self.write_mode == "aligned" and num_written:
-            # The aligned input gate reads the tokens, all known now: one GEMM for every write.
-            in_logits = self.linear_in_gate(hidden_states[: num_written * self.chunk_size])[0]
+        if self.write_mode != "attention" and num_written:
+            # The aligned input gate, and both gates of the token write, read the tokens, all
+            # known now: one GEMM for every write.
+            gates = self.linear_in_gate if self.write_mode == "aligned" else self.linear_gates
+            in_logits = gates(hidden_states[: num_written * self.chunk_size])[0]
         for j, start in enumerate(starts):
             end = min(start + self.chunk_size, seq_len)
             bptt = self.config.memory_bptt_chunks
@@ -548,6 +551,14 @@ class LM2Memory(MegatronModule):
             )  # [B, h, N, d_h]
             content = content.transpose(1, 2).reshape(batch, self.num_slots, self.local_hidden)
             return self._gate_content(bank, content)
+        if self.write_mode == "token":
+            # Slot i <- token i of the chunk (N = C), no scores: a fact is written at full
+            # strength whatever C is, and the read's softmax over slots is the one thing to
+            # learn (issue 10). g_in, g_forget = sigma(E_i [W_in; W_forget]).
+            content = token_values.reshape(token_values.shape[0], batch, self.local_hidden)
+            if in_logits is None:
+                in_logits = self.linear_gates(tokens)[0]
+            return self._update(in_logits.transpose(0, 1), content.transpose(0, 1), bank)
         # "aligned": the paper's equations literally, slot i <- token i of the chunk:
         # g_in = sigma(E W_in), g_forget = sigma(E_mem W_forget), content = E_mem.
         content_tokens = read.reshape(read.shape[0], batch, self.local_hidden)

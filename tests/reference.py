@@ -66,6 +66,10 @@ def memory_reference(
                 g_in = sigmoid(content @ weights["in_gate"].T)  # Eq. 4
                 g_forget = sigmoid(content @ weights["forget_gate"].T)  # Eq. 5
                 bank = g_in * torch.tanh(content) + g_forget * bank  # Eq. 6
+            elif write == "token":  # slot i <- token i; both gates read the token
+                g_in = sigmoid(e @ weights["in_gate"].T)
+                g_forget = sigmoid(e @ weights["forget_gate"].T)
+                bank = g_in * torch.tanh(e) + g_forget * bank
             else:  # aligned: slot i <- token i
                 g_in = sigmoid(e @ weights["in_gate"].T)
                 g_forget = sigmoid(read @ weights["forget_gate"].T)

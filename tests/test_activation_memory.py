@@ -37,9 +37,10 @@ def measured_bytes(cfg, batch: int) -> int:
         dict(),
         dict(num_layers=3, memory_layers=(2,), seq_length=512, memory_slots=256),  # 4 chunks, N = 2C
         dict(memory_write="aligned"),
+        dict(memory_write="token"),
         dict(memory_init="learned", memory_slots=64, memory_chunk_size=64),
     ],
-    ids=["vanilla", "lm2", "subset-4chunks", "aligned", "learned"],
+    ids=["vanilla", "lm2", "subset-4chunks", "aligned", "token", "learned"],
 )
 def test_activation_estimate_within_15_percent(overrides):
     cfg = get_flavor("debug", **{**SHAPE, **overrides})

@@ -29,6 +29,7 @@ VARIANTS = {
     "debug": dict(flavor="debug"),
     "vanilla": dict(flavor="debug-vanilla"),
     "aligned": dict(flavor="debug", memory_write="aligned", memory_slots=64),
+    "token": dict(flavor="debug", memory_write="token", memory_slots=64),
     "learned": dict(flavor="debug", memory_init="learned", memory_layers=(2, 3)),
 }
 PP_VARIANTS = ("debug", "vanilla")
@@ -225,7 +226,7 @@ def test_hf_logits_equal_megatron(checkpoints, converted, ckpt):
         assert (ablated - reference).abs().max().item() > 100 * TOL
 
 
-@pytest.mark.parametrize("name", ["debug", "aligned", "learned"])
+@pytest.mark.parametrize("name", ["debug", "aligned", "token", "learned"])
 def test_memory_banks_evolve_the_same_chunk_by_chunk(checkpoints, converted, name):
     _, references = checkpoints
     _, folders = converted

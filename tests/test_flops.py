@@ -46,6 +46,7 @@ def counted_flops(cfg, batch: int) -> float:
 CASES = {
     "two chunks, N = 4C": dict(seq_length=64, memory_chunk_size=32, memory_slots=128),
     "aligned write": dict(seq_length=96, memory_chunk_size=32, memory_slots=32, memory_write="aligned"),
+    "token write": dict(seq_length=96, memory_chunk_size=32, memory_slots=32, memory_write="token"),
     "memory in layer 2 of 3": dict(num_layers=3, memory_layers=(2,), seq_length=96,
                                    memory_chunk_size=32, memory_slots=48),
     "attention window": dict(seq_length=96, attention_window=32, memory_chunk_size=32, memory_slots=24),

@@ -44,7 +44,8 @@ def _tokens(length, batch=2, seed=1):
 
 @pytest.mark.parametrize(
     "window, write, slots",
-    [(32, "attention", 16), (None, "attention", 16), (32, "aligned", 16), (24, "attention", 8)],
+    [(32, "attention", 16), (None, "attention", 16), (32, "aligned", 16), (32, "token", 16),
+     (24, "attention", 8)],
 )
 def test_greedy_with_cache_equals_full_recompute(window, write, slots):
     """45-token prompt (3 prefill pieces), 40 new tokens: decoding crosses memory chunk

@@ -57,11 +57,13 @@ def _rel(a, b):
     [
         dict(),  # 5 chunks, attention write, identity M_0
         dict(memory_write="aligned", memory_slots=8),
+        dict(memory_write="token", memory_slots=8),
+        dict(memory_write="token", memory_slots=8, memory_bptt_chunks=2),
         dict(memory_init="learned"),
         dict(memory_slots=40),  # N > d: slots past d start at zero
         dict(memory_bptt_chunks=2),
     ],
-    ids=["attention", "aligned", "learned", "slots>d", "bptt2"],
+    ids=["attention", "aligned", "token", "token-bptt2", "learned", "slots>d", "bptt2"],
 )
 def test_gradients_equal_float64_reference(overrides):
     cfg, module = _memory(**overrides)

@@ -15,10 +15,10 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("write", ["attention", "aligned"])
+@pytest.mark.parametrize("write", ["attention", "token", "aligned"])
 @pytest.mark.parametrize("init", ["identity", "learned"])
 def test_module_equals_float64_reference(write, init):
-    slots = 8 if write == "aligned" else 12
+    slots = 12 if write == "attention" else 8
     cfg, module = _memory(memory_write=write, memory_init=init, memory_slots=slots)
     tokens = torch.randn(40, 3, 64, dtype=torch.float64)  # 5 chunks of 8
     with carry_memory(module):
@@ -50,7 +50,7 @@ def test_ragged_last_chunk_and_carried_bank_match_reference():
     assert _rel_err(out, ref_out) < 1e-10
 
 
-@pytest.mark.parametrize("write", ["attention", "aligned"])
+@pytest.mark.parametrize("write", ["attention", "token", "aligned"])
 def test_streaming_in_uneven_calls_equals_one_call(write):
     cfg, module = _memory(memory_write=write, memory_slots=8)
     tokens = torch.randn(40, 2, 64, dtype=torch.float64)

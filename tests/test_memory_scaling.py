@@ -30,9 +30,9 @@ def _memory_of(model):
     return ms.memory_modules(model)[0]
 
 
-@pytest.mark.parametrize("write", ["attention", "qknorm", "salience", "qknorm-salience"])
+@pytest.mark.parametrize("write", ["attention", "qknorm", "salience", "qknorm-salience", "token"])
 def test_study_forward_equals_float64_reference(write):
-    model, _ = ms.build(_cfg(write=write), 0)
+    model, _ = ms.build(_cfg(write=write, slots=8 if write == "token" else 6), 0)
     model.double()
     mem = _memory_of(model)
     with torch.no_grad():
@@ -41,14 +41,16 @@ def test_study_forward_equals_float64_reference(write):
     tokens = torch.randn(24, 2, 128, dtype=torch.float64)  # 3 chunks of 8
     out, _ = mem(tokens)
     ref, _ = memory_reference(tokens, weights_of(mem, mem.num_heads), mem.num_heads, 8,
-                              qk_norm=write.startswith("qknorm"))
+                              "token" if write == "token" else "attention", qk_norm=write.startswith("qknorm"))
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-10
     assert ref.abs().max() > 1e-2
 
 
-def test_study_attention_write_equals_the_module():
-    module_model, spec = ms.build(_cfg(write="module"), 0)
-    study_model, _ = ms.build(_cfg(write="attention"), 0)
+@pytest.mark.parametrize("write", ["attention", "token"])
+def test_study_write_equals_the_module(write):
+    slots = 8 if write == "token" else 6
+    module_model, spec = ms.build(_cfg(write="module", memory_write=write, slots=slots), 0)
+    study_model, _ = ms.build(_cfg(write=write, slots=slots), 0)
     for m in (module_model, study_model):
         m.double()
     with torch.no_grad():

@@ -34,8 +34,10 @@ def _logits(model, tokens, mask=None):
     return model(tokens, positions, mask)
 
 
-def test_causal_across_chunks_float64():
-    cfg, model = _model(torch.float64)
+@pytest.mark.parametrize("write", ["attention", "token", "aligned"])
+def test_causal_across_chunks_float64(write):
+    slots = {"attention": SMALL["memory_slots"]}.get(write, SMALL["memory_chunk_size"])
+    cfg, model = _model(torch.float64, memory_write=write, memory_slots=slots)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length))
     with torch.no_grad():
         base = _logits(model, tokens)
@@ -244,10 +246,13 @@ def test_attention_window_is_refused_with_the_te_spec():
         (dict(seq_length=96, memory_chunk_size=24, memory_slots=24, memory_write="aligned"),
          dict(linear_q=1, linear_kv=3, linear_out_gate=1, linear_in_gate=1, linear_forget_gate=3,
               linear_proj=1)),
+        # The token write's gates read only tokens: one call for every chunk's gates.
+        (dict(seq_length=96, memory_chunk_size=24, memory_slots=24, memory_write="token"),
+         dict(linear_q=1, linear_kv=3, linear_out_gate=1, linear_gates=1, linear_proj=1)),
         (dict(memory_init="learned"),
          dict(linear_q=1, linear_kv=2, linear_out_gate=1, linear_gates=1, linear_proj=1)),
     ],
-    ids=["two-chunks", "four-chunks", "aligned", "learned"],
+    ids=["two-chunks", "four-chunks", "aligned", "token", "learned"],
 )
 def test_memory_linear_calls_per_micro_batch(overrides, calls):
     """TE's fused weight-gradient accumulation has been reported to lose part of a linear's

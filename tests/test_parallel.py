@@ -201,9 +201,9 @@ def test_parallel_equals_single_process(reference, initial_weights, tp, pp):
         assert all(shape == (3, slots, hidden // tp) for shape in r["banks"].values())
 
 
-def _memory_branch(sequence_parallel):
-    """One memory module (TP = world size) on fixed inputs: its output and gradients, with the
-    tokens split along the sequence when sequence_parallel."""
+def _memory_branch(sequence_parallel, write="attention"):
+    """One memory module (TP = world size) with write mode `write` on fixed inputs: its output
+    and gradients, with the tokens split along the sequence when sequence_parallel."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.spec_utils import build_module
 
@@ -214,6 +214,7 @@ def _memory_branch(sequence_parallel):
     cfg = get_flavor(
         "debug", tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
         hidden_size=64, num_attention_heads=4, memory_slots=8, memory_chunk_size=8, seq_length=32,
+        memory_write=write,
     )
     torch.manual_seed(0)
     module = build_module(get_memory_local_spec(), config=cfg, layer_number=1)
@@ -234,9 +235,10 @@ def _memory_branch(sequence_parallel):
     )
 
 
-def test_memory_sequence_parallel_equals_tp1():
-    (ref,) = run_distributed(_memory_branch, 1, False)
-    results = run_distributed(_memory_branch, 2, True, tp=2)
+@pytest.mark.parametrize("write", ["attention", "token"])
+def test_memory_sequence_parallel_equals_tp1(write):
+    (ref,) = run_distributed(_memory_branch, 1, False, write)
+    results = run_distributed(_memory_branch, 2, True, write, tp=2)
     output = torch.cat([r["output"] for r in results])  # sequence-split outputs
     token_grad = torch.cat([r["token_grad"] for r in results])
     assert output.shape == ref["output"].shape

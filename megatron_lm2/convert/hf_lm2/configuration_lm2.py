@@ -8,7 +8,7 @@ __init__ defaults and CHOICES) are therefore a copy of the declaration in megatr
 
 from transformers import PretrainedConfig
 
-MEMORY_WRITE_MODES = ("attention", "aligned")
+MEMORY_WRITE_MODES = ("attention", "token", "aligned")
 MEMORY_INIT_MODES = ("identity", "learned")
 CHOICES = {"memory_write": MEMORY_WRITE_MODES, "memory_init": MEMORY_INIT_MODES}
 
@@ -116,8 +116,8 @@ class LM2Config(PretrainedConfig):
             raise ValueError(
                 f"memory_heads={self.memory_heads} must divide hidden_size={self.hidden_size}"
             )
-        if self.memory_write == "aligned" and self.memory_slots != self.memory_chunk_size:
+        if self.memory_write in ("aligned", "token") and self.memory_slots != self.memory_chunk_size:
             raise ValueError(
-                f"memory_write='aligned' needs memory_slots ({self.memory_slots}) == "
+                f"memory_write={self.memory_write!r} needs memory_slots ({self.memory_slots}) == "
                 f"memory_chunk_size ({self.memory_chunk_size})"
             )

@@ -16,6 +16,8 @@ bank is written from its C tokens:
            out   = W_o (sigmoid(E_mem W_out) * E_mem)
     write  'attention': U = slots attend over the chunk (the read's scores soft-maxed over tokens)
                         M <- sigmoid(U W_in) * tanh(U) + sigmoid(U W_forget) * M
+           'token'    : slot i <- token i (N = C), no scores
+                        M <- sigmoid(E W_in) * tanh(E) + sigmoid(E W_forget) * M
            'aligned'  : slot i <- token i (N = C)
                         M <- sigmoid(E W_in) * tanh(E_mem) + sigmoid(E_mem W_forget) * M
 
@@ -280,7 +282,11 @@ class LM2MemoryBlock(nn.Module):
             content = content.reshape(batch, self.num_slots, self.hidden_size)
             g_in = torch.sigmoid(self.in_gate(content))
             g_forget = torch.sigmoid(self.forget_gate(content))
-        else:
+        elif self.write_mode == "token":  # slot i <- token i, both gates from the token
+            content = tokens
+            g_in = torch.sigmoid(self.in_gate(tokens))
+            g_forget = torch.sigmoid(self.forget_gate(tokens))
+        else:  # aligned
             content = reads
             g_in = torch.sigmoid(self.in_gate(tokens))
             g_forget = torch.sigmoid(self.forget_gate(reads))
