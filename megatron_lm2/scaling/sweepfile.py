@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_lm2.cli_errors import UserInputError
+from megatron_lm2.config import MEMORY_INIT_MODES, MEMORY_WRITE_MODES
 
 FAMILIES = ("lm2", "vanilla")
 KNOBS = ("width", "depth")
@@ -67,8 +68,8 @@ class MemorySection:
     heads: int = 8  # fixed rule
     chunks_per_sequence: int = 2  # memory_chunk_size = seq_length / this
     layers: str = "all"  # "all" | "every:K" | "first:K" | "last:K"
-    write: str = field(default="attention", metadata=_choice(("attention", "aligned")))
-    init: str = field(default="identity", metadata=_choice(("identity", "learned")))
+    write: str = field(default="attention", metadata=_choice(MEMORY_WRITE_MODES))
+    init: str = field(default="identity", metadata=_choice(MEMORY_INIT_MODES))
 
 
 @dataclass(kw_only=True)
