@@ -9,6 +9,9 @@ compares the token stream (every document and its EOD, in order) with lm2-prepro
     python benchmarks/bench_preprocess.py                                 # ~40 MB corpus, table
     MEGATRON_LM=/path/to/Megatron-LM python benchmarks/bench_preprocess.py # + Megatron-LM's tool
     python benchmarks/bench_preprocess.py --rss 0.1,2                     # + peak RSS at 100 MB / 2 GB
+    # peak RSS vs input size, one size per run, in the background, rows kept as they finish:
+    for gb in 0.1 0.5 1 2; do nice -n 5 python benchmarks/bench_preprocess.py --mb 5 --styles gpt2-style \
+        --skip-table --rss $gb --rss-log /tmp/rss.jsonl; done
     python benchmarks/bench_preprocess.py --components                    # + per-stage costs
 
 Megatron-LM is never vendored. Get the tool and its `megatron` package with git (the tag that
@@ -67,6 +70,7 @@ def measure(argv: list[str], env: dict | None = None, cwd: str | None = None) ->
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     root = psutil.Process(proc.pid)
     peak = 0
+    peak_by_pid: dict[int, int] = {}  # each process's own peak RSS
     seen_cpu: dict[int, float] = {}  # last CPU time seen per process (covers children nobody waits for)
     stop = threading.Event()
 
@@ -76,7 +80,9 @@ def measure(argv: list[str], env: dict | None = None, cwd: str | None = None) ->
             total = 0
             for p in [root, *_children(root)]:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
+                    peak_by_pid[p.pid] = max(peak_by_pid.get(p.pid, 0), rss)
                     t = p.cpu_times()
                     seen_cpu[p.pid] = t.user + t.system
                 except psutil.Error:
@@ -94,7 +100,9 @@ def measure(argv: list[str], env: dict | None = None, cwd: str | None = None) ->
     cpu = max((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), sum(seen_cpu.values()))
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[:4]} failed ({proc.returncode}):\n{err.decode()[-3000:]}")
-    return {"wall": wall, "cpu": cpu, "rss": peak / 2**30, "stdout": out.decode()}
+    children = [v for pid, v in peak_by_pid.items() if pid != proc.pid]
+    return {"wall": wall, "cpu": cpu, "rss": peak / 2**30, "stdout": out.decode(),
+            "rss_parent": peak_by_pid.get(proc.pid, 0) / 2**20, "rss_worker": max(children, default=0) / 2**20}
 
 
 def _children(root):
@@ -346,6 +354,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=16384)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--rss", default="", help="comma-separated input sizes in GB for the peak-RSS rows, e.g. 0.1,2")
+    p.add_argument("--rss-log", default="", help="append the peak-RSS rows to this jsonl as they finish and print "
+                                                 "the table of every row in it (run one size per invocation)")
     p.add_argument("--components", action="store_true", help="also measure each stage's cost")
     p.add_argument("--styles", default=",".join(TOKENIZER_STYLES), help="tokenizer styles: " + ", ".join(TOKENIZER_STYLES))
     p.add_argument("--skip-table", action="store_true")
@@ -449,20 +459,50 @@ def table(args, src: Path, tok: Path, work: Path, megatron_lm: Path | None) -> N
         print(f"\nnote: {note}")
 
 
+RSS_COLUMNS = ("input bytes", "documents", "tokens", "wall s", "CPU s", "tok/CPU-s", "peak RSS GiB (tree)",
+               "parent MiB", "max worker MiB", "shards by encoder")
+
+
 def rss_rows(args, tok: Path, work: Path) -> None:
-    print(f"\nPeak RSS of lm2-preprocess (default encoder, tokenizer {tok.parent.name}) vs input size; documents carry 25% fresh random "
-          "words, so an encoder cache that kept them would grow:\n")
-    out = [("input", "documents", "tokens", "wall s", "CPU s", "tok/CPU-s", "peak RSS GiB (tree)", "shards by encoder")]
+    """Peak RSS against input size: one fresh run per size, rows appended to ``--rss-log`` as
+    they finish (so sizes can run one per invocation, in the background); the table printed
+    is every row of the log."""
+    print(f"\nPeak RSS of lm2-preprocess (default encoder, tokenizer {tok.parent.name}, {args.workers} workers) "
+          "vs input size; documents carry 25% fresh random words, so an encoder cache that kept them would grow:\n")
+    log = Path(args.rss_log) if args.rss_log else work / "rss.jsonl"
     for gb in (float(x) for x in args.rss.split(",") if x):
         src = work / f"rss_{gb}.jsonl"
         docs = write_corpus(src, gb * 1000, 1, unique_words=0.25)
         r = lm2_row(src, tok, work / f"rss_out_{gb}", args.workers, "--shard-tokens", "100000000")
-        out.append((f"{src.stat().st_size / 1e9:.2f} GB jsonl", f"{docs:,}", f"{r['tokens']:,}", f"{r['wall']:.0f}",
-                    f"{r['cpu']:.1f}", f"{r['tokens'] / r['cpu']:,.0f}", f"{r['rss']:.3f}",
-                    ", ".join(f"{k} {v}" for k, v in r["encoders"].items())))
+        row = {"input_bytes": src.stat().st_size, "documents": docs, "tokens": r["tokens"], "wall": r["wall"],
+               "cpu": r["cpu"], "rss_tree_gib": r["rss"], "rss_parent_mib": r["rss_parent"],
+               "rss_worker_mib": r["rss_worker"], "encoders": r["encoders"], "workers": args.workers,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit()}
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
         src.unlink()
         shutil.rmtree(work / f"rss_out_{gb}", ignore_errors=True)
+    print_rss_table(log)
+
+
+def print_rss_table(log: Path) -> None:
+    rows = [json.loads(line) for line in open(log) if line.strip()]
+    out = [RSS_COLUMNS]
+    for r in sorted(rows, key=lambda r: r["input_bytes"]):
+        out.append((f"{r['input_bytes']:,}", f"{r['documents']:,}", f"{r['tokens']:,}", f"{r['wall']:.0f}",
+                     f"{r['cpu']:.1f}", f"{r['tokens'] / r['cpu']:,.0f}", f"{r['rss_tree_gib']:.3f}",
+                     f"{r['rss_parent_mib']:.0f}", f"{r['rss_worker_mib']:.0f}",
+                     ", ".join(f"{k} {v}" for k, v in r["encoders"].items())))
     print_markdown(out)
+    if len(rows) > 1:
+        trees = [r["rss_tree_gib"] for r in rows]
+        print(f"\npeak RSS of the tree: {min(trees):.3f}-{max(trees):.3f} GiB, "
+              f"max/min - 1 = {max(trees) / min(trees) - 1:+.1%} over {len(rows)} sizes")
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def print_markdown(table) -> None:

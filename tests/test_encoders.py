@@ -208,3 +208,127 @@ def test_sample_reaches_past_the_first_documents(tmp_path):
     assert rest and all(t in docs for _, t in rest)
     assert sum(t not in docs[: len(first)] for _, t in rest) >= len(rest) // 2   # beyond the head
     assert sample == sample_texts(f, "text", 0, 20_000, 40_000)                  # seeded: a rerun checks the same
+
+
+def test_recycled_encode_thread_gives_identical_ids(gpt2_bpe):
+    """The fast encoder runs on a private thread replaced every ``recycle_chars`` characters
+    (which frees fastokens' thread-local cache): same ids as one thread and as the reference,
+    a new thread exactly when the budget is spent, and a forked child starts its own."""
+    import os
+
+    tok = load_tokenizer(gpt2_bpe)
+    texts = _docs(12, 4) + HARD
+    expected = reference_encoder(tok).encode_flat(texts)
+    one_thread = FastokensEncoder(tok, recycle_chars=0)
+    recycled = FastokensEncoder(tok, recycle_chars=10_000)
+    for enc in (one_thread, recycled):
+        for start in range(0, len(texts), 4):
+            ids, lengths = enc.encode_flat(texts[start:start + 4])
+            offset = int(expected[1][:start].sum())
+            assert np.array_equal(lengths, expected[1][start:start + 4])
+            assert np.array_equal(ids, expected[0][offset:offset + int(lengths.sum())])
+    assert one_thread.threads_started == 0
+    calls, spent, threads = [texts[i:i + 4] for i in range(0, len(texts), 4)], None, 0
+    for call in calls:  # a new thread before a call once the current one has encoded >= 10,000 chars
+        if spent is None or spent >= 10_000:
+            threads, spent = threads + 1, 0
+        spent += sum(map(len, call))
+    assert recycled.threads_started == threads == 3   # calls of 5.8k 5.7k | 6.0k .. 106k | the rest
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child inherits the encoder but not its thread
+        try:
+            ok = np.array_equal(recycled.encode_flat(texts)[0], expected[0]) and recycled.threads_started == threads + 1
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    recycled.close()
+
+
+_CACHE_GROWTH = r'''
+import json, os, sys
+os.environ["FASTOKENS_BPE_THREADS"] = "1"   # as in a preprocessing worker: no fastokens pool threads
+import numpy as np
+from megatron_lm2.preprocess.pipeline import _fixed_mmap_threshold
+from megatron_lm2.tokenizer import load_tokenizer
+from megatron_lm2.tokenizer.encoders import FastokensEncoder
+_fixed_mmap_threshold()
+def anon():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) >> 10
+enc = FastokensEncoder(load_tokenizer(sys.argv[1]), recycle_chars=int(sys.argv[2]))
+rng = np.random.default_rng(0)
+letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+texts = [np.concatenate([np.full((50_000, 1), 32, np.uint8), letters[rng.integers(0, 26, size=(50_000, 7))]],
+                        axis=1).tobytes().decode() for _ in range(40)]   # 2M fresh 7-letter words, 16 MB
+enc.encode_flat(["warm up"])
+base, peak = anon(), 0
+for text in texts:
+    enc.encode_flat([text])
+    peak = max(peak, anon())
+print(json.dumps({"growth_mib": peak - base, "threads": enc.threads_started}))
+'''
+
+
+def test_recycling_bounds_the_fast_encoders_cache(gpt2_bpe):
+    """16 MB of never-seen words: fastokens' thread-local cache grows by ~100 MiB when one thread
+    encodes them all; replaced every 2M characters, the encoder's memory grows by a fraction."""
+    import os
+    import subprocess
+    import sys
+
+    def growth(recycle_chars: int) -> dict:
+        out = subprocess.run([sys.executable, "-c", _CACHE_GROWTH, str(gpt2_bpe), str(recycle_chars)],
+                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    unbounded, bounded = growth(0), growth(2_000_000)
+    assert unbounded["threads"] == 0 and bounded["threads"] == 8   # 5 texts of 400,000 chars per thread
+    assert unbounded["growth_mib"] > 60, unbounded
+    assert bounded["growth_mib"] < unbounded["growth_mib"] / 2, (bounded, unbounded)
+
+
+def test_compare_in_chunks_finds_the_first_difference(gpt2_bpe):
+    """verify.compare encodes the sample a chunk at a time (bounded memory); whatever the chunk
+    size, it names the same first differing text, and None when the encoders agree."""
+    from megatron_lm2.preprocess.verify import compare
+
+    tok = load_tokenizer(gpt2_bpe)
+    ref, fast = reference_encoder(tok), fast_encoder(tok)
+    texts = _docs(20, 6) + HARD
+    marker = texts.index(HARD[12])
+
+    class WrongOnMarker:
+        def encode_flat(self, batch):
+            ids, lengths = fast.encode_flat(batch)
+            if HARD[12] in batch:
+                ids = ids.copy()
+                ids[int(lengths[: batch.index(HARD[12])].sum())] ^= 1
+            return ids, lengths
+
+    calls = []
+
+    class Counting:
+        def encode_flat(self, batch):
+            calls.append(sum(map(len, batch)))
+            return fast.encode_flat(batch)
+
+    for chunk in (1, 3_000, 50_000, 1 << 30):
+        assert compare(ref, WrongOnMarker(), texts, chunk_chars=chunk) == marker
+    assert compare(ref, Counting(), texts, chunk_chars=3_000) is None
+    assert len(calls) > 10 and all(c <= 3_000 or n == 1 for c, n in zip(calls, _chunk_sizes(texts, 3_000)))
+    assert sum(calls) == sum(map(len, texts))
+
+
+def _chunk_sizes(texts, chunk_chars):
+    """Texts per chunk as compare cuts them (a text longer than the chunk is a chunk alone)."""
+    sizes, n, size = [], 0, 0
+    for t in texts:
+        if n and size + len(t) > chunk_chars:
+            sizes.append(n)
+            n, size = 0, 0
+        n, size = n + 1, size + len(t)
+    return sizes + [n]

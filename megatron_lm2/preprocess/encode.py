@@ -130,8 +130,11 @@ def make_encoders(tokenizer_path: str, eod_token: str | None, json_key: str, dty
 def init_worker(tokenizer_path: str, eod_token: str | None, json_key: str, dtype_name: str,
                 batch_size: int, fast_name: str | None = None) -> None:
     # One core per worker: the pool provides the parallelism, library threads would oversubscribe.
+    # fastokens' own thread pool (default: every core) would also keep a second full-size
+    # thread-local cache per worker (~125 MiB on rare-word text); it reads this on first use.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["FASTOKENS_BPE_THREADS"] = "1"
     _WORKER["encoders"] = make_encoders(tokenizer_path, eod_token, json_key, dtype_name, batch_size, fast_name)
 
 

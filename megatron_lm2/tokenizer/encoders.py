@@ -15,6 +15,18 @@ Fast encoders known here: ``fastokens`` (``pip install -e .[fast]``). Its option
 (meant for chat traffic) is switched off: on a corpus every segment is new, so a cache could only
 grow.
 
+fastokens also keeps a pretoken -> ids cache per *thread* (thread-local, no API to size or clear
+it): a table that doubles up to 2^21 entries (64 MiB) plus an id spill pool and a long-pretoken
+cache, ~125 MiB per thread once full, reached after ~1.5M distinct pretokens (~50-100 MB of
+text with many rare words). A new ``fastokens.Tokenizer`` does not free it: the thread parks the
+old model's cache (up to 3) and starts another. Ending the thread does. So ``FastokensEncoder``
+encodes on a private thread that it replaces after ``recycle_chars`` characters (default 8M):
+the cache never holds more than what 8M characters put in it (a preprocessing worker peaks at
+~120 MiB instead of ~190-350 MiB on the benchmark's rare-word corpus), so memory no longer
+depends on how far into a stream a worker is. A fresh thread starts from the model's seeded
+cache; no CPU cost was measurable (``benchmarks/preprocess.md``). ``recycle_chars=0`` encodes on
+the calling thread.
+
 fastokens is ~50x ``tokenizers`` on a single byte-level pre-tokenizer but ~5x on SmolLM's
 ``Sequence[Digits(individual_digits), ByteLevel]``; for exactly that pre-tokenizer it is given an
 equivalent one, a single Split regex (GPT-2's, with digits single and a whitespace run that ends
@@ -25,12 +37,15 @@ where it was checked equal to the reference reading the user's file as is.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from itertools import chain
 from typing import Sequence
 
 import copy
 import json
+import os
+import threading
 
 import numpy as np
 
@@ -70,14 +85,19 @@ class ReferenceEncoder:
         return flatten(self.tok.encode_batch(texts))
 
 
+# Characters a FastokensEncoder's private thread encodes before it is replaced (module docstring).
+RECYCLE_CHARS = 8 << 20
+
+
 class FastokensEncoder:
     """``fastokens.Tokenizer`` over the same tokenizer.json: one flat uint32 buffer per batch,
-    no per-token Python objects."""
+    no per-token Python objects. Encodes on a private thread replaced every ``recycle_chars``
+    characters, which frees fastokens' thread-local cache (module docstring)."""
 
     fast = True
     library = "fastokens"
 
-    def __init__(self, tok):
+    def __init__(self, tok, recycle_chars: int = RECYCLE_CHARS):
         if tok.kind != "hf":
             raise EncoderUnavailable(f"fastokens reads tokenizer.json files only, not the {tok.kind} model {tok.path}")
         try:
@@ -93,13 +113,41 @@ class FastokensEncoder:
             raise EncoderUnavailable(f"fastokens cannot load {tok.path}: {' '.join(str(e).split())[:300]}") from e
         self._tok.enable_segment_cache(0)  # bounded memory: see the module docstring
         self.name = f"fastokens {library_version('fastokens')}"
+        self.recycle_chars = recycle_chars
+        self.threads_started = 0          # private encode threads started so far
+        self._thread: ThreadPoolExecutor | None = None
+        self._thread_pid = 0              # a forked child gets no thread: it starts its own
+        self._thread_chars = 0
+        self._lock = threading.Lock()
 
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.empty(0, np.uint32), np.empty(0, np.int64)
-        ids, offsets = self._tok.encode_batch_flat(list(texts), add_special_tokens=False)
+        texts = list(texts)
+        if self.recycle_chars <= 0:
+            ids, offsets = self._encode(texts)
+        else:
+            with self._lock:
+                if (self._thread is None or self._thread_pid != os.getpid()
+                        or self._thread_chars >= self.recycle_chars):
+                    self.close()
+                    self._thread = ThreadPoolExecutor(1, thread_name_prefix="lm2-fastokens")
+                    self._thread_pid = os.getpid()
+                    self._thread_chars = 0
+                    self.threads_started += 1
+                self._thread_chars += sum(map(len, texts))
+                ids, offsets = self._thread.submit(self._encode, texts).result()
         offsets = np.frombuffer(offsets, dtype=np.uint64).astype(np.int64)
         return np.frombuffer(ids, dtype=np.uint32), np.diff(offsets)
+
+    def _encode(self, texts: list[str]):
+        return self._tok.encode_batch_flat(texts, add_special_tokens=False)
+
+    def close(self) -> None:
+        """End the private thread (its fastokens cache is freed as the thread exits)."""
+        thread, self._thread = self._thread, None
+        if thread is not None and self._thread_pid == os.getpid():
+            thread.shutdown(wait=True)
 
 
 # GPT-2's ByteLevel split with ` ?\p{N}+` made `\p{N}` (Digits(individual_digits) isolates each
@@ -141,4 +189,4 @@ def fast_encoder(tok, name: str = "fastokens"):
 
 
 __all__ = ["EncoderUnavailable", "FAST_ENCODERS", "FastokensEncoder", "ReferenceEncoder", "fast_encoder",
-           "flatten", "library_version", "reference_encoder", "single_regex_pre_tokenizer"]
+           "RECYCLE_CHARS", "flatten", "library_version", "reference_encoder", "single_regex_pre_tokenizer"]
