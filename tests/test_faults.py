@@ -464,7 +464,7 @@ def _validation_by_chunk(argv):
     with torch.no_grad():
         for _ in range(train.eval_iters * trainer.num_microbatches):
             batch = next(batches)
-            loss = model(batch["tokens"], batch["position_ids"], trainer.mask, labels=batch["labels"])
+            loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # its own mask
             loss = (loss.double() * batch["loss_mask"].double()).reshape(-1, seq // chunk, chunk)
             sums += loss.sum(dim=(0, 2)).numpy()
             counts += batch["loss_mask"].double().reshape(-1, seq // chunk, chunk).sum(dim=(0, 2)).numpy()
