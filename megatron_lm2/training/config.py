@@ -275,25 +275,24 @@ class TrainConfig(ModelFlags):
         overrides = self.model_overrides()
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
-        tp = self.tensor_model_parallel_size
+        tp, vpp = self.tensor_model_parallel_size, self.virtual_pipeline_size()
         overrides.update(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=(
-                self.virtual_pipeline_model_parallel_size if self.pipeline_model_parallel_size > 1 else None),
+            virtual_pipeline_model_parallel_size=vpp,
             sequence_parallel=self.sequence_parallel and tp > 1,
         )
         if self.bf16:
             overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
         if self.fp8_format:
             overrides.update(fp8=self.fp8_format, fp8_recipe="delayed")
-        if self.pipeline_model_parallel_size > 1 and self.virtual_pipeline_model_parallel_size:
+        if vpp:
             # Interleaving: Megatron-LM's default p2p mode. Batched p2p posts the send to the next
             # and to the previous stage on one channel; with PP=2 both peers are the same rank
             # and the activation and gradient messages can be matched crosswise (seen on gloo).
             overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
             num_layers = overrides.get("num_layers") or _flavor_field(self.flavor, "num_layers")
-            stages = self.pipeline_model_parallel_size * self.virtual_pipeline_model_parallel_size
+            stages = self.pipeline_model_parallel_size * vpp
             if num_layers % stages:
                 raise ConfigError(
                     f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size x "
