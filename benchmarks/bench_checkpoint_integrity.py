@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,9 @@ def main() -> None:
     from megatron_lm2.testing import run_distributed
 
     rows = run_distributed(run, 1, args.saves)[0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from megatron_lm2.provenance import git_commit
+
+    commit = git_commit()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"date {time.strftime('%Y-%m-%d')}; commit {commit}")
     print("shape: quickstart (debug flavor, seq 256, memory chunk 64, fp32 + Adam state, 1 rank)")

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -85,10 +84,9 @@ def _machine() -> dict:
     except Exception as exc:  # noqa: BLE001
         info["transformer_engine"] = f"not importable: {type(exc).__name__}"
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    try:
-        info["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:  # noqa: BLE001
-        info["commit"] = "unknown"
+    from megatron_lm2.provenance import git_commit
+
+    info["commit"] = git_commit(cwd=HERE)
     return info
 
 
@@ -110,7 +108,6 @@ def _train_config(flavor: str, shape: dict, micro_batch: int, fp8_recipe, smoke:
 
 def train_step_benchmark(flavor: str, shape: dict, micro_batch: int, smoke: bool, fp8_recipe=None) -> dict:
     """The trainer's step (forward_backward_func + distributed optimizer) on random tokens."""
-    from functools import partial
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -147,10 +146,9 @@ def old_vs_new(batch: int, repeats: int, device, dtype, **shape) -> dict:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
+    from megatron_lm2.provenance import git_commit
+
+    return git_commit()
 
 
 def main(argv=None) -> None:

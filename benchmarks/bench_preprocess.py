@@ -387,8 +387,7 @@ def main() -> None:
 
 
 def header(args, src: Path, docs: int) -> str:
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = _commit()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "megatron_lm2/preprocess",
                             "megatron_lm2/tokenizer", "benchmarks/bench_preprocess.py"],
                            capture_output=True, text=True).stdout.strip()
@@ -501,8 +500,9 @@ def print_rss_table(log: Path) -> None:
 
 
 def _commit() -> str:
-    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    from megatron_lm2.provenance import git_commit
+
+    return git_commit(cwd=str(REPO))
 
 
 def print_markdown(table) -> None:

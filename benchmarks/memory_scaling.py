@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -50,6 +49,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from megatron_lm2.fileio import atomic_path, write_text_atomic
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
@@ -405,9 +405,8 @@ def checkpoint_path(args, cfg: dict):
 
 def _save_checkpoint(path: str, state: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, unique=True, fsync=False) as tmp:
+        torch.save(state, tmp)
 
 
 def _forward_loss(model, batch: TaskBatch, mask):
@@ -649,9 +648,8 @@ def plot(runs: list[dict], prefix: str) -> list[str]:
 
 
 def _save(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png", fsync=False) as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 
@@ -721,10 +719,7 @@ def report(args) -> int:
     if init_runs:
         text += "\n\nAt initialisation (one batch of " + f"{init_runs[0]['batch_size']}" + ", --init-only; mean over the " \
                 "4 memory layers, median over seeds):\n\n" + init_report_text(init_runs)
-    tmp = args.report_md + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, args.report_md)
+    write_text_atomic(args.report_md, text + "\n", fsync=False)
     print(text)
     for path in plot(runs, args.plot_prefix):
         print(f"plot: {path}")

@@ -46,12 +46,10 @@ def write_json_atomic(path: Path, obj, fsync: bool = False) -> None:
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Make a rename in ``path`` durable (POSIX: the directory entry is data of the directory)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make a rename in ``path`` durable (megatron_lm2.fileio's, kept under this name)."""
+    from megatron_lm2 import fileio
+
+    fileio.fsync_dir(path)
 
 
 def shard_prefix(f: InputFile, index: int) -> str:

@@ -47,6 +47,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron_lm2.compat import checkpoint_writer_dies_with_us, patch_torch_adam_loading
 from megatron_lm2.compat import cuda_available
 from megatron_lm2.convert.megatron_config import CONFIG_FILE, write_config
+from megatron_lm2.fileio import fsync_dir as _fsync_dir, write_text_atomic
 from megatron_lm2.training import integrity
 from megatron_lm2.training.integrity import CheckpointError
 
@@ -182,22 +183,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tracker(directory: str, name: str) -> None:
-    tmp = os.path.join(directory, f".{TRACKER}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(name + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(directory, TRACKER))
-    _fsync_dir(directory)
+    write_text_atomic(os.path.join(directory, TRACKER), name + "\n", encoding=None, fsync=True,
+                      sync_dir=True)
 
 
 def list_checkpoints(directory: str) -> List[int]:
