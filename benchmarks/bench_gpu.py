@@ -108,7 +108,6 @@ def _train_config(flavor: str, shape: dict, micro_batch: int, fp8_recipe, smoke:
 
 def train_step_benchmark(flavor: str, shape: dict, micro_batch: int, smoke: bool, fp8_recipe=None) -> dict:
     """The trainer's step (forward_backward_func + distributed optimizer) on random tokens."""
-
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_lm2.accounting import flops_per_token
