@@ -30,7 +30,6 @@ import time
 from datetime import datetime, timezone
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from megatron_lm2 import distributed

@@ -284,9 +284,10 @@ class LM2Memory(MegatronModule):
         self.linear_kv = column(submodules.linear_kv, 2 * d, "mem_kv")
         self.linear_out_gate = column(submodules.linear_out_gate, d, "mem_out_gate")
         if self.write_mode in ("attention", "token"):
-            # Both gates read the write content U (the token itself for "token"): one GEMM. Per rank the output rows are
-            # [this rank's input-gate rows; its forget-gate rows]; checkpoints and state dicts
-            # keep the two gates' own names and layouts (_split_gates / _fuse_gates).
+            # Both gates read the write content U (the token itself for "token"): one GEMM.
+            # Per rank the output rows are [this rank's input-gate rows; its forget-gate rows];
+            # checkpoints and state dicts keep the two gates' own names and layouts
+            # (_split_gates / _fuse_gates).
             # stride=2: a CPU-initialised master weight [W_in; W_forget] is dealt out the same way
             # (as Megatron's SwiGLU fc1), so the weights do not depend on the TP size.
             self.linear_gates = column(

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lm2 import fileio
+from megatron_lm2.fileio import fsync_dir
 from megatron_lm2.preprocess.encode import EncodedBatch
 from megatron_lm2.preprocess.readers import InputFile
 
@@ -39,17 +41,8 @@ MAX_LISTED_SKIPS = 1000  # per shard record; counts stay exact beyond it
 
 
 def write_json_atomic(path: Path, obj, fsync: bool = False) -> None:
-    from megatron_lm2 import fileio
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fileio.write_json_atomic(path, obj, indent=1, end="\n", fsync=fsync, sync_dir=fsync)
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename in ``path`` durable (megatron_lm2.fileio's, kept under this name)."""
-    from megatron_lm2 import fileio
-
-    fileio.fsync_dir(path)
 
 
 def shard_prefix(f: InputFile, index: int) -> str:

@@ -76,7 +76,7 @@ def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex: bool = 
     overlapped with backward and the parameter all-gather with the next forward. On CPU all off.
     `--fused-kernels`, `--overlap-grad-reduce`, `--overlap-param-gather` on/off/auto."""
     te = backend == "te"
-    fused = _resolve(getattr(train, "fused_kernels", "auto"), cuda, "--fused-kernels",
+    fused = _resolve(train.fused_kernels, cuda, "--fused-kernels",
                      "Megatron's fused kernels need a CUDA GPU")
     model = dict(
         use_cpu_initialization=not cuda,
@@ -130,7 +130,7 @@ def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[Distribute
     call set_schedule_hooks(config, model_chunks) before running a schedule."""
     backend = transformer_backend(train)
     settings = runtime_settings(train, backend, cuda_available(), _apex_gradient_accumulation_fusion())
-    apply_runtime_settings(config, settings, strict=getattr(train, "fused_kernels", "auto") == "on")
+    apply_runtime_settings(config, settings, strict=train.fused_kernels == "on")
     vpp = train.virtual_pipeline_size()
     if vpp:
         model_chunks = [build_model(config, backend, vp_stage=i) for i in range(vpp)]
