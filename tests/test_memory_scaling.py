@@ -174,3 +174,31 @@ def test_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, capsys):
     b = json.loads((tmp_path / "part.jsonl").read_text())
     assert a["curve"] == b["curve"] and a["final_loss"] == b["final_loss"]
     assert not os.listdir(tmp_path / "ck")  # removed once the run is recorded
+
+
+@pytest.mark.parametrize("task,chunk,extra", [("fact", 16, {}), ("mqar", 32, {"pairs": 4}),
+                                               ("persist", 16, {"hops": 3}), ("twohop", 96, {})])
+def test_vanilla_twin_has_no_path_across_the_window(task, chunk, extra):
+    """The study's control: with the attention window equal to C, the vanilla twin's logits in the
+    question's chunk are a function of that chunk alone, so its accuracy is chance for every C,
+    task and seed, trained or not. Shown here for random weights and the study's own batches:
+    everything before the last chunk is replaced by another sample's, the answer logits stay
+    bit-identical; the LM2 twin's move (the memory is its one path across)."""
+    logits = {}
+    for model_kind in ("vanilla", "lm2"):
+        model, spec = ms.build(_cfg(task=task, chunk=chunk, slots=chunk, model=model_kind, **extra), 0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        a, b = make_batch(spec, 4, 1), make_batch(spec, 4, 2)
+        last = spec.seq_length - spec.chunk
+        mixed = ms.TaskBatch(torch.cat([b.tokens[:, :last], a.tokens[:, last:]], 1), a.labels, a.loss_mask,
+                             a.fact_mask)
+        assert bool((mixed.tokens[:, :last] != a.tokens[:, :last]).any())
+        asked = a.loss_mask.bool()
+        assert bool(asked[:, :last].sum() == 0) and int(asked.sum()) > 0  # answers only in the last chunk
+        with torch.no_grad():
+            logits[model_kind] = [ms._forward(model, batch, attention_mask(spec.seq_length, spec.chunk))[asked]
+                                  for batch in (a, mixed)]
+    assert torch.equal(*logits["vanilla"])
+    assert (logits["lm2"][0] - logits["lm2"][1]).abs().max() > 1e-3
