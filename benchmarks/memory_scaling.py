@@ -95,6 +95,15 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="benchmarks/memory_experiment.json",
                    help="the C = 32 record of examples/memory_experiment.py, shown with the study ('' = off)")
     p.add_argument("--plot-prefix", default="benchmarks/memory_scaling")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="run every config of FILE (one set of this tool's flags per line, '#' comments, in "
+                        "priority order; see benchmarks/memory_study_plan.txt) as --jobs processes side by "
+                        "side, skipping what --results holds; for a GPU or a many-core machine")
+    p.add_argument("--jobs", type=int, default=2, help="--plan: processes at a time")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="--plan: start nothing after this many seconds and stop what still runs at it "
+                        "(a stopped run resumes from its last checkpoint on the next call)")
+    p.add_argument("--log-dir", default=None, help="--plan: one log per process (default: next to --results)")
     return p.parse_args(argv)
 
 
@@ -150,7 +159,7 @@ def study_forward(self, hidden_states, **unused):
             if self.study_write == "token":
                 if n != end - start:
                     raise ValueError(f"write 'token' needs slots = chunk, got N={n}, C={end - start}")
-                w = torch.eye(n, dtype=hidden_states.dtype).expand(batch, h, n, n)
+                w = torch.eye(n, dtype=hidden_states.dtype, device=hidden_states.device).expand(batch, h, n, n)
                 content = hidden_states[start:end].transpose(0, 1)
             else:
                 w = torch.softmax(write_logits, dim=-1)
@@ -228,8 +237,18 @@ def task_spec(cfg_args: dict) -> TaskSpec:
                     hops=cfg_args["hops"], num_keys=64 if cfg_args["pairs"] > 8 else 32)
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _on(batch: TaskBatch, device) -> TaskBatch:
+    """The task generators draw on the CPU (same samples on every machine); the model may be on a GPU."""
+    return TaskBatch(*(t.to(device) for t in (batch.tokens, batch.labels, batch.loss_mask, batch.fact_mask)))
+
+
 def _forward(model, batch: TaskBatch, mask):
-    pos = torch.arange(batch.tokens.shape[1])[None].expand_as(batch.tokens)
+    batch = _on(batch, _device(model))
+    pos = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None].expand_as(batch.tokens)
     return model(batch.tokens, pos, mask)
 
 
@@ -239,6 +258,7 @@ def accuracy(model, batch: TaskBatch, mask, micro: int = 64) -> float:
     hits, total = 0, 0
     for s in range(0, batch.tokens.shape[0], micro):
         part = TaskBatch(*(t[s : s + micro] for t in (batch.tokens, batch.labels, batch.loss_mask, batch.fact_mask)))
+        part = _on(part, _device(model))
         logits = _forward(model, part, mask)
         sel = part.loss_mask.bool()
         hits += int((logits.argmax(-1)[sel] == part.labels[sel]).sum())
@@ -263,6 +283,7 @@ def memory_diagnostics(model, batch: TaskBatch, mask) -> dict:
     if not mods:
         return {}
     part = TaskBatch(*(t[:64] for t in (batch.tokens, batch.labels, batch.loss_mask, batch.fact_mask)))
+    part = _on(part, _device(model))
     for m in mods:
         m.study_collect, m.study_fact_mask = True, part.fact_mask
     model.eval()
@@ -297,8 +318,8 @@ def diagnose_at_init(args) -> None:
                     continue
                 t0 = time.time()
                 model, spec = build(cfg, seed)
-                mask = attention_mask(spec.seq_length, spec.chunk)
-                batch = make_batch(spec, args.batch_size, 10_000 + seed)
+                mask = attention_mask(spec.seq_length, spec.chunk, _device(model))
+                batch = _on(make_batch(spec, args.batch_size, 10_000 + seed), _device(model))
                 diag = memory_diagnostics(model, batch, mask)
                 loss = (_forward_loss(model, batch, mask) * batch.loss_mask).sum() / batch.loss_mask.sum()
                 loss.backward()
@@ -324,7 +345,8 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
 
     t0 = time.time()
     model, spec = build(cfg_args, seed)
-    mask = attention_mask(spec.seq_length, spec.chunk)
+    device = _device(model)
+    mask = attention_mask(spec.seq_length, spec.chunk, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                   eps=cfg_args.get("adam_eps", DEFAULT_EPS))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
@@ -338,11 +360,11 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
     first = 0
     if ckpt and os.path.exists(ckpt):
         # An interrupted run continues exactly where its last checkpoint left it.
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        data.set_state(state["data"])
+        data.set_state(state["data"].cpu())
         first, curve, losses, diagnostics = state["step"], state["curve"], state["losses"], state["diagnostics"]
         eval_seconds, train_seconds = state["eval_seconds"], state["train_seconds"]
         t0 -= state["seconds"]
@@ -353,7 +375,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
                 model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
                 data=data.get_state(), step=step, cfg={**cfg_args, "seed": seed}, curve=curve, losses=losses, diagnostics=diagnostics,
                 eval_seconds=eval_seconds, train_seconds=train_seconds, seconds=time.time() - t0))
-        batch = make_batch(spec, args.batch_size, data) if step < args.steps else None
+        batch = _on(make_batch(spec, args.batch_size, data), device) if step < args.steps else None
         if step % args.eval_every == 0 or step == args.steps:
             te = time.time()
             curve.append((step, accuracy(model, held_out, mask)))
@@ -410,7 +432,8 @@ def _save_checkpoint(path: str, state: dict) -> None:
 
 
 def _forward_loss(model, batch: TaskBatch, mask):
-    pos = torch.arange(batch.tokens.shape[1])[None].expand_as(batch.tokens)
+    batch = _on(batch, _device(model))
+    pos = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None].expand_as(batch.tokens)
     return model(batch.tokens, pos, mask, labels=batch.labels)
 
 
@@ -726,6 +749,97 @@ def report(args) -> int:
     return 0
 
 
+def configs_of(args):
+    """(config, seed) for every model and seed the flags name: the unit a run and a result are."""
+    for model_kind in args.models.split(","):
+        lm2 = model_kind == "lm2"
+        qk = args.write.startswith("qknorm") and lm2
+        base = dict(task=args.task, chunk=args.chunk, slots=resolve_slots(args.slots, args.chunk),
+                    pairs=args.pairs if args.task == "mqar" else 1,
+                    hops=args.hops if args.task == "persist" else 1, model=model_kind,
+                    write=args.write if lm2 else "none",
+                    tau_read=args.tau_read if qk else None, tau_write=args.tau_write if qk else None,
+                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            yield base, seed
+
+
+# ------------------------------------------------------------------------------ a plan, in parallel
+def plan_jobs(path: str) -> list[list[str]]:
+    """One process per (plan line, model, seed), in the plan's order. A line is this tool's flags."""
+    import shlex
+
+    jobs = []
+    with open(path) as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            flags = shlex.split(line)
+            try:
+                args = parse_args(flags)
+            except SystemExit:
+                raise SystemExit(f"{path}:{number}: not flags of memory_scaling.py: {line!r}") from None
+            if args.plan or args.report or args.init_only:
+                raise SystemExit(f"{path}:{number}: a plan line trains configs; --plan/--report/--init-only don't belong")
+            for model_kind in args.models.split(","):
+                for seed in args.seeds.split(","):
+                    jobs.append(flags + ["--models", model_kind, "--seeds", seed])
+    return jobs
+
+
+def job_key(flags: list[str]) -> tuple:
+    (base, seed), = configs_of(parse_args(flags))  # a job names one model and one seed
+    return run_key({**base, "seed": seed})
+
+
+def run_plan(args) -> int:
+    """Run a plan's configs --jobs at a time, each in its own one-thread process (a study on a GPU is
+    bound by kernel launches, so processes side by side fill it), skipping finished configs."""
+    import subprocess
+
+    jobs = plan_jobs(args.plan)
+    done = {run_key(r) for r in load_runs(args.results)}
+    todo = [j for j in jobs if job_key(j) not in done]
+    log_dir = args.log_dir or os.path.join(os.path.dirname(os.path.abspath(args.results)), "memory_study_logs")
+    os.makedirs(log_dir, exist_ok=True)
+    print(f"plan {args.plan}: {len(jobs)} configs, {len(jobs) - len(todo)} already in {args.results}, "
+          f"{len(todo)} to run, {args.jobs} at a time; logs in {log_dir}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    shared = ["--results", args.results, "--ckpt-dir", args.ckpt_dir, "--threads", "1"]
+    t0, running, status = time.time(), {}, []
+    pending = list(enumerate(todo))
+
+    def late() -> bool:
+        return args.deadline_s is not None and time.time() - t0 >= args.deadline_s
+
+    while pending or running:
+        while pending and len(running) < args.jobs and not late():
+            index, flags = pending.pop(0)
+            log = open(os.path.join(log_dir, f"job{index:03d}.log"), "w")
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags, *shared],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[proc] = (index, flags, time.time(), log)
+        if late():
+            for proc in running:
+                proc.terminate()
+        for proc in [p for p in running if p.poll() is not None]:
+            index, flags, started, log = running.pop(proc)
+            log.close()
+            state = "done" if proc.returncode == 0 else ("stopped at the deadline" if late() else f"failed (rc {proc.returncode})")
+            status.append((index, " ".join(flags), state, time.time() - started))
+            print(f"[{time.time() - t0:6.0f}s] job {index}: {state} after {status[-1][3]:.0f}s: {' '.join(flags)}", flush=True)
+        if late() and not running:
+            break
+        time.sleep(0.5)
+    not_started = len(pending)
+    print("\n| job | config | state | s |\n|---|---|---|---|")
+    for index, flags, state, seconds in sorted(status):
+        print(f"| {index} | {flags} | {state} | {seconds:.0f} |")
+    print(f"{sum(s[2] == 'done' for s in status)} done, {not_started} not started, {time.time() - t0:.0f}s", flush=True)
+    return 1 if any(s[2].startswith("failed") for s in status) else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     bad = [w for w in args.write.split(",") if w not in WRITE_MODES]
@@ -734,6 +848,8 @@ def main(argv=None) -> int:
                          + (" (a comma list only with --init-only)" if not bad else ""))
     if args.report:
         return report(args)
+    if args.plan:
+        return run_plan(args)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from megatron_lm2 import distributed
@@ -741,7 +857,8 @@ def main(argv=None) -> int:
     own_world = not torch.distributed.is_initialized()  # a test may hold one already
     if own_world:
         distributed.initialize(seed=0)
-    meta = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    meta = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
                 f"{args.threads} thread(s)", commit=_commit())
     if args.init_only:
         diagnose_at_init(args)
@@ -749,28 +866,20 @@ def main(argv=None) -> int:
             distributed.destroy()
         return 0
     done = {run_key(r) for r in load_runs(args.results)}
-    for model_kind in args.models.split(","):
-        base = dict(task=args.task, chunk=args.chunk, slots=resolve_slots(args.slots, args.chunk),
-                    pairs=args.pairs if args.task == "mqar" else 1,
-                    hops=args.hops if args.task == "persist" else 1, model=model_kind,
-                    write=args.write if model_kind == "lm2" else "none",
-                    tau_read=args.tau_read if args.write.startswith("qknorm") and model_kind == "lm2" else None,
-                    tau_write=args.tau_write if args.write.startswith("qknorm") and model_kind == "lm2" else None,
-                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            key = run_key({**base, "seed": seed})
-            if key in done:
-                print(f"skip {key}: already in {args.results}", flush=True)
-                continue
-            started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            run = train_one(base, seed, args)
-            run.update(meta, started=started, eval_every=args.eval_every, eval_samples=args.eval_samples)
-            append_run(args.results, run)
-            ckpt = checkpoint_path(args, {**base, "seed": seed})
-            if ckpt and os.path.exists(ckpt):
-                os.remove(ckpt)
-            print(f"[done] {key}: final {run['final_accuracy']:.3f}, to 50% {run['steps_to_50']}, "
-                  f"to 90% {run['steps_to_90']}, {run['seconds']:.0f}s", flush=True)
+    for base, seed in configs_of(args):
+        key = run_key({**base, "seed": seed})
+        if key in done:
+            print(f"skip {key}: already in {args.results}", flush=True)
+            continue
+        started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        run = train_one(base, seed, args)
+        run.update(meta, started=started, eval_every=args.eval_every, eval_samples=args.eval_samples)
+        append_run(args.results, run)
+        ckpt = checkpoint_path(args, {**base, "seed": seed})
+        if ckpt and os.path.exists(ckpt):
+            os.remove(ckpt)
+        print(f"[done] {key}: final {run['final_accuracy']:.3f}, to 50% {run['steps_to_50']}, "
+              f"to 90% {run['steps_to_90']}, {run['seconds']:.0f}s", flush=True)
     if own_world:
         distributed.destroy()
     return 0
