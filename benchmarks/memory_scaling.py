@@ -333,6 +333,13 @@ def diagnose_at_init(args) -> None:
                       f"{_mean_over_layers(diag, '.write_fact_max'):.4f} ({run['seconds']:.0f}s)", flush=True)
 
 
+def loss_spikes(losses, window: int = 50, factor: float = 2.0) -> list[int]:
+    """Steps whose training loss exceeds `factor` x the median of the `window` steps before them:
+    optimisation spikes (at C = 256 the token write saw single steps at 12-13 against 2.8)."""
+    return [i for i in range(window, len(losses))
+            if losses[i] > factor * statistics.median(losses[i - window:i])]
+
+
 def steps_to(curve, level: float):
     for step, acc in curve:
         if acc >= level:
@@ -352,7 +359,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
     data = torch.Generator().manual_seed(10_000 + seed)
     held_out = make_batch(spec, args.eval_samples, EVAL_SEED)
-    curve, losses, diagnostics = [], [], []
+    curve, losses, grad_curve, diagnostics = [], [], [], []
     eval_seconds, train_seconds = 0.0, 0.0
     label = f"{cfg_args['model']} {cfg_args['write']} {spec.name} C={spec.chunk} N={cfg_args['slots']} seed {seed}"
     stopped = None
@@ -366,6 +373,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
         schedule.load_state_dict(state["schedule"])
         data.set_state(state["data"].cpu())
         first, curve, losses, diagnostics = state["step"], state["curve"], state["losses"], state["diagnostics"]
+        grad_curve = state.get("grad_curve", [None] * len(losses))  # older checkpoints did not keep it
         eval_seconds, train_seconds = state["eval_seconds"], state["train_seconds"]
         t0 -= state["seconds"]
         print(f"[{label}] resumed at step {first} from {ckpt}", flush=True)
@@ -373,7 +381,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
         if ckpt and step > first and step % (args.eval_every * args.ckpt_every) == 0:
             _save_checkpoint(ckpt, dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                data=data.get_state(), step=step, cfg={**cfg_args, "seed": seed}, curve=curve, losses=losses, diagnostics=diagnostics,
+                data=data.get_state(), step=step, cfg={**cfg_args, "seed": seed}, curve=curve, losses=losses, grad_curve=grad_curve, diagnostics=diagnostics,
                 eval_seconds=eval_seconds, train_seconds=train_seconds, seconds=time.time() - t0))
         batch = _on(make_batch(spec, args.batch_size, data), device) if step < args.steps else None
         if step % args.eval_every == 0 or step == args.steps:
@@ -397,7 +405,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
             diag["grad_norm"] = grad_norms(model)
             diag["loss"] = float(loss)
             diagnostics.append(diag)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_curve.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         optimizer.step()
         schedule.step()
         losses.append(float(loss))
@@ -406,6 +414,8 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
                best_accuracy=max(a for _, a in curve), steps_to_50=steps_to(curve, 0.5),
                steps_to_90=steps_to(curve, 0.9), stopped_at=stopped,
                final_loss=statistics.fmean(losses[-50:]) if losses else None, chance=spec.chance,
+               losses=[round(x, 4) for x in losses], grad_norms=[None if g is None else round(g, 4) for g in grad_curve],
+               loss_spikes=loss_spikes(losses),
                diagnostics=diagnostics, seconds=time.time() - t0, train_seconds=train_seconds,
                eval_seconds=eval_seconds)
     if memory_modules(model):
@@ -516,12 +526,18 @@ def _task_name(r: dict) -> str:
             "twohop": "two-hop (qa2)"}[r["task"]]
 
 
+def _fmt_spikes(rs: list[dict]) -> str:
+    """Per seed, the number of loss spikes (loss_spikes); '-' where a run predates the loss record."""
+    counts = [str(len(loss_spikes(r["losses"]))) if r.get("losses") else "-" for r in rs]
+    return "-" if set(counts) == {"-"} else ", ".join(counts)
+
+
 def report_text(runs: list[dict]) -> str:
     groups: dict = {}
     for r in runs:
         groups.setdefault(_group_key(r), []).append(r)
     lines = ["| task | C | N | write | seeds | final acc % median [min, max] | steps to 50 % | steps to 90 % "
-             "| facts removed % | chance % | s/run (train + eval) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| facts removed % | loss spikes | chance % | s/run (train + eval) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5])):
         rs = sorted(groups[key], key=lambda r: r["seed"])
         acc = [100 * r["final_accuracy"] for r in rs]
@@ -534,7 +550,7 @@ def report_text(runs: list[dict]) -> str:
             f"({','.join(str(r['seed']) for r in rs)}) | {statistics.median(best):.1f} [{min(best):.1f}, {max(best):.1f}]"
             + (f" (last {statistics.median(acc):.1f})" if any(r.get('stopped_at') is None for r in rs) and best != acc else "")
             + f" | {_fmt_steps([r['steps_to_50'] for r in rs], budget)} | {_fmt_steps([r['steps_to_90'] for r in rs], budget)}"
-            f" | {', '.join(f'{a:.1f}' for a in ablated) if ablated else 'n/a'} | {100 * rs[0]['chance']:.1f} | "
+            f" | {', '.join(f'{a:.1f}' for a in ablated) if ablated else 'n/a'} | {_fmt_spikes(rs)} | {100 * rs[0]['chance']:.1f} | "
             f"{statistics.fmean(r['seconds'] for r in rs):.0f} ({statistics.fmean(r['train_seconds'] for r in rs):.0f}"
             f" + {statistics.fmean(r['eval_seconds'] for r in rs):.0f}) |")
     lines += ["", "Diagnostics (mean over the 4 memory layers; step 0 = initialisation; write entropy and read "
@@ -723,7 +739,8 @@ def partial_runs(ckpt_dir: str) -> list[dict]:
                         steps_to_50=steps_to(curve, 0.5), steps_to_90=steps_to(curve, 0.9), stopped_at=None,
                         chance=1 / 16, diagnostics=state["diagnostics"], seconds=state["seconds"],
                         train_seconds=state["train_seconds"], eval_seconds=state["eval_seconds"],
-                        partial_at=state["step"], started="(partial)", machine="(partial)", commit="(partial)"))
+                        partial_at=state["step"], started="(partial)", machine="(partial)", commit="(partial)",
+                        losses=state.get("losses")))
     return out
 
 

@@ -130,6 +130,8 @@ def test_seconds_long_study_run_saves_resumes_and_reports(tmp_path, capsys):
     assert d0["step"] == 0 and d0["grad_norm"]["layer1.linear_q"] > 0
     assert 0 < d0["layer1.write_entropy"] <= 1 and 0 < d0["layer1.read_entropy"] <= 1
     assert "without_facts_accuracy" in lm2 and lm2["seconds"] >= lm2["train_seconds"] > 0
+    assert len(lm2["losses"]) == len(lm2["grad_norms"]) == 3 and all(g > 0 for g in lm2["grad_norms"])
+    assert lm2["loss_spikes"] == []
     capsys.readouterr()
     assert ms.main(argv) == 0  # everything done: both skipped, nothing appended
     assert capsys.readouterr().out.count("skip") == 2
@@ -224,3 +226,18 @@ def test_a_plan_runs_side_by_side_skips_what_is_done_and_names_a_bad_line(tmp_pa
     plan.write_text("--task fact --chunk 8\n--tusk fact\n")
     with pytest.raises(SystemExit, match=r"plan.txt:2: not flags of memory_scaling.py"):
         ms.plan_jobs(str(plan))
+
+
+def test_loss_spikes_are_steps_far_above_the_recent_median():
+    calm = [2.8 + 0.05 * ((i * 7) % 5 - 2) for i in range(120)]
+    spiky = list(calm)
+    spiky[60], spiky[100], spiky[101] = 13.4, 12.4, 5.5  # the C = 256 token runs' kind: 2.8 -> 12-13
+    assert ms.loss_spikes(calm) == []
+    assert ms.loss_spikes(spiky) == [60, 100]  # 5.5 < 2 x 2.8
+    assert ms.loss_spikes(spiky[:55]) == []  # nothing before a full window
+    line = ms.report_text([dict(task="fact", chunk=8, slots=8, pairs=1, hops=1, model="lm2", write="token",
+                                seed=0, steps=2, batch_size=4, curve=[(0, 0.1), (2, 0.2)], final_accuracy=0.2,
+                                best_accuracy=0.2,
+                                steps_to_50=None, steps_to_90=None, chance=1 / 16, diagnostics=[],
+                                seconds=1.0, train_seconds=1.0, eval_seconds=0.0, losses=spiky)]).splitlines()[2]
+    assert "| 2 | 6.2 |" in line  # the spikes column, then chance
