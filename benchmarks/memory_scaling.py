@@ -29,6 +29,9 @@ so a prototype write can be measured before it lands in the module:
                 (g_in, g_forget from that token's state). No softmax over the chunk, so nothing
                 dilutes a fact by 1/C; the read's softmax over slots is the one thing to learn,
                 as self-attention over the previous chunk would
+    qknorm-token  the token write with the qknorm read (cosine scores times a learned per-head scale,
+                init --tau-read): with the write's selection gone, the read's softmax over N = C slots is
+                what starts flat (1/N on the fact), and this starts it sharper
     module      the module's own forward, whatever its memory_write is (no diagnostics but
                 accuracy and gradients)
 """
@@ -53,7 +56,7 @@ from megatron_lm2.fileio import atomic_path, write_text_atomic
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
-WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "module")
+WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token", "module")
 RESULTS = "benchmarks/memory_scaling.jsonl"
 
 
@@ -142,7 +145,7 @@ def study_forward(self, hidden_states, **unused):
         if self.study_write.startswith("qknorm"):
             cos = torch.einsum("cbhe,bnhe->bhcn", _rms(q), _rms(key)) / dh
             read_logits = cos * self.read_logit_scale.view(1, h, 1, 1)
-            write_logits = cos * self.write_logit_scale.view(1, h, 1, 1)
+            write_logits = cos * self.write_logit_scale.view(1, h, 1, 1) if hasattr(self, "write_logit_scale") else None
         else:
             read_logits = write_logits = torch.einsum("cbhe,bnhe->bhcn", q, key) / math.sqrt(dh)
         attn = torch.softmax(read_logits, dim=-1)
@@ -150,13 +153,14 @@ def study_forward(self, hidden_states, **unused):
         if collect and j == len(starts) - 1:
             diag["read_entropy"].append(float(_entropy(attn).mean() / math.log(n)) if n > 1 else 0.0)
         if j + 1 < len(starts):
-            write_logits = write_logits.transpose(-1, -2)  # [B, h, N, c]: slots over tokens
+            if write_logits is not None:
+                write_logits = write_logits.transpose(-1, -2)  # [B, h, N, c]: slots over tokens
             if self.study_write.endswith("salience"):
                 # A learned per-token, per-head bias of the write: how much any slot takes of
                 # this token. Zero at init (= the write without it); first-order in its weight.
                 bias = torch.einsum("cbd,hd->bhc", hidden_states[start:end], self.write_salience)
                 write_logits = write_logits + bias[:, :, None, :]
-            if self.study_write == "token":
+            if self.study_write.endswith("token"):
                 if n != end - start:
                     raise ValueError(f"write 'token' needs slots = chunk, got N={n}, C={end - start}")
                 w = torch.eye(n, dtype=hidden_states.dtype, device=hidden_states.device).expand(batch, h, n, n)
@@ -205,7 +209,8 @@ def install_write(model, write: str, tau_read: float = 10.0, tau_write: float = 
             m.write_salience = torch.nn.Parameter(torch.zeros(m.num_heads, m.config.hidden_size))
         if write.startswith("qknorm"):
             m.read_logit_scale = torch.nn.Parameter(torch.full((m.num_heads,), tau_read))
-            m.write_logit_scale = torch.nn.Parameter(torch.full((m.num_heads,), tau_write))
+            if not write.endswith("token"):  # the token write has no scores to scale
+                m.write_logit_scale = torch.nn.Parameter(torch.full((m.num_heads,), tau_write))
         m.forward = types.MethodType(study_forward, m)
 
 
@@ -220,7 +225,7 @@ def build(cfg_args: dict, seed: int):
     flavor = "debug" if cfg_args["model"] == "lm2" else "debug-vanilla"
     # The module's own write mode: "token" where the study runs it (so `module` can run it too),
     # else the default; study_forward replaces the forward for every other mode.
-    memory_write = cfg_args.get("memory_write") or ("token" if cfg_args["write"] == "token" else "attention")
+    memory_write = cfg_args.get("memory_write") or ("token" if cfg_args["write"].endswith("token") else "attention")
     config = get_flavor(flavor, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
                         attention_window=spec.chunk, memory_chunk_size=spec.chunk,
                         memory_slots=cfg_args["slots"], memory_write=memory_write)
@@ -312,7 +317,7 @@ def diagnose_at_init(args) -> None:
             qk = write.startswith("qknorm")
             cfg = dict(task=args.task, chunk=chunk, slots=resolve_slots(args.slots, chunk), pairs=args.pairs,
                        hops=args.hops, model="lm2", write=write, tau_read=args.tau_read if qk else None,
-                       tau_write=args.tau_write if qk else None)
+                       tau_write=args.tau_write if qk and not write.endswith("token") else None)
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (chunk, cfg["slots"], write, cfg["tau_write"], seed) in done:
                     continue
@@ -499,6 +504,8 @@ def _base_label(r: dict) -> str:
     if r["model"] != "lm2":
         return "vanilla"
     if r["write"].startswith("qknorm"):
+        if r.get("tau_write") is None:  # qknorm-token: a read scale only
+            return f"{r['write']}(tau {r['tau_read']:g})"
         return f"{r['write']}(tau {r['tau_read']:g}/{r['tau_write']:g})"
     return r["write"]
 
@@ -775,7 +782,8 @@ def configs_of(args):
                     pairs=args.pairs if args.task == "mqar" else 1,
                     hops=args.hops if args.task == "persist" else 1, model=model_kind,
                     write=args.write if lm2 else "none",
-                    tau_read=args.tau_read if qk else None, tau_write=args.tau_write if qk else None,
+                    tau_read=args.tau_read if qk else None,
+                    tau_write=args.tau_write if qk and not args.write.endswith("token") else None,
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps)
         for seed in (int(s) for s in args.seeds.split(",")):
             yield base, seed

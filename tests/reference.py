@@ -51,16 +51,16 @@ def memory_reference(
                     kh = kh / torch.sqrt((kh * kh).mean(dim=1, keepdim=True) + norm_eps)
                     cosine = qh @ kh.T / head_dim  # [c, N]
                     scores = weights["read_scale"][h] * cosine
-                    write_scores = weights["write_scale"][h] * cosine
+                    write_scores = weights["write_scale"][h] * cosine if write == "attention" else None
                 else:
                     scores = q[:, cols] @ k[:, cols].T / math.sqrt(head_dim)  # [c, N]
                     write_scores = scores
                 read[:, cols] = torch.softmax(scores, dim=1) @ v[:, cols]  # Eq. 1
-                # slots gather: each slot's weights over the chunk's tokens
-                write_logits = write_scores.T  # [N, c]
-                if "write_salience" in weights:  # + a per-token bias, the same for every slot
-                    write_logits = write_logits + (e @ weights["write_salience"][h])[None, :]
-                content[:, cols] = torch.softmax(write_logits, dim=1) @ e[:, cols]
+                if write == "attention":  # slots gather: each slot's weights over the chunk's tokens
+                    write_logits = write_scores.T  # [N, c]
+                    if "write_salience" in weights:  # + a per-token bias, the same for every slot
+                        write_logits = write_logits + (e @ weights["write_salience"][h])[None, :]
+                    content[:, cols] = torch.softmax(write_logits, dim=1) @ e[:, cols]
             read_all[start : start + chunk] = read
             if write == "attention":
                 g_in = sigmoid(content @ weights["in_gate"].T)  # Eq. 4

@@ -30,9 +30,10 @@ def _memory_of(model):
     return ms.memory_modules(model)[0]
 
 
-@pytest.mark.parametrize("write", ["attention", "qknorm", "salience", "qknorm-salience", "token"])
+@pytest.mark.parametrize("write", ["attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token"])
 def test_study_forward_equals_float64_reference(write):
-    model, _ = ms.build(_cfg(write=write, slots=8 if write == "token" else 6), 0)
+    token = write.endswith("token")
+    model, _ = ms.build(_cfg(write=write, slots=8 if token else 6), 0)
     model.double()
     mem = _memory_of(model)
     with torch.no_grad():
@@ -41,7 +42,7 @@ def test_study_forward_equals_float64_reference(write):
     tokens = torch.randn(24, 2, 128, dtype=torch.float64)  # 3 chunks of 8
     out, _ = mem(tokens)
     ref, _ = memory_reference(tokens, weights_of(mem, mem.num_heads), mem.num_heads, 8,
-                              "token" if write == "token" else "attention", qk_norm=write.startswith("qknorm"))
+                              "token" if token else "attention", qk_norm=write.startswith("qknorm"))
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-10
     assert ref.abs().max() > 1e-2
 
