@@ -52,8 +52,9 @@ from datetime import datetime, timezone
 
 import torch
 
-from megatron_lm2.fileio import atomic_path, write_text_atomic
-from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout (a GPU box)
+from megatron_lm2.fileio import atomic_path, write_text_atomic  # noqa: E402
+from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts  # noqa: E402
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
 WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token", "module")

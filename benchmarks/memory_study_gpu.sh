@@ -16,13 +16,16 @@ JOBS="${JOBS:-12}"
 DEADLINE="${DEADLINE:-480}"
 PLAN="${PLAN:-benchmarks/memory_study_plan.txt}"
 
-if ! python -c "import megatron.core" 2>/dev/null; then
-  py=$(python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$PY" -c "import megatron.core" 2>/dev/null; then
+  # The device image has torch, numpy and packaging, not megatron-core; it cannot reach PyPI.
+  py=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
   wheel=$(ls .whl/megatron_core-0.16.1-"$py"-*.whl 2>/dev/null | head -1 || true)
   [ -n "$wheel" ] || { echo "no megatron-core and no .whl/megatron_core-0.16.1-$py-*.whl to install" >&2; exit 2; }
-  pip install -q --no-deps --no-index "$wheel"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheel"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python - <<'PY'
+"$PY" - <<'PY'
 import torch, megatron.core
 print("torch", torch.__version__, "megatron-core", megatron.core.__version__,
       "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)", flush=True)
@@ -35,6 +38,6 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=cs
     | sed "s/^/[gpu] /"; done ) &
 monitor=$!
 trap 'kill $monitor 2>/dev/null || true' EXIT
-python benchmarks/memory_scaling.py --plan "$PLAN" --jobs "$JOBS" --deadline-s "$DEADLINE" \
+"$PY" benchmarks/memory_scaling.py --plan "$PLAN" --jobs "$JOBS" --deadline-s "$DEADLINE" \
   --results "$OUT/memory_scaling.jsonl" --ckpt-dir "${CKPT_DIR:-/tmp/memory_scaling_ckpt}" \
   --log-dir "$OUT/memory_study_logs"
