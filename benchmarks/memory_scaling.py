@@ -339,11 +339,16 @@ def diagnose_at_init(args) -> None:
                       f"{_mean_over_layers(diag, '.write_fact_max'):.4f} ({run['seconds']:.0f}s)", flush=True)
 
 
-def loss_spikes(losses, window: int = 50, factor: float = 2.0) -> list[int]:
-    """Steps whose training loss exceeds `factor` x the median of the `window` steps before them:
-    optimisation spikes (at C = 256 the token write saw single steps at 12-13 against 2.8)."""
-    return [i for i in range(window, len(losses))
-            if losses[i] > factor * statistics.median(losses[i - window:i])]
+def loss_spikes(losses, window: int = 50, factor: float = 2.0, excess: float = 1.0) -> list[int]:
+    """Steps whose training loss exceeds `factor` x the median of the `window` steps before them
+    and that median by `excess` nats: optimisation spikes (at C = 256 the token write saw single
+    steps at 12-13 against 2.8), not the noise of a loss that is already near 0."""
+    spikes = []
+    for i in range(window, len(losses)):
+        median = statistics.median(losses[i - window:i])
+        if losses[i] > factor * median and losses[i] > median + excess:
+            spikes.append(i)
+    return spikes
 
 
 def steps_to(curve, level: float):
@@ -421,7 +426,6 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
                steps_to_90=steps_to(curve, 0.9), stopped_at=stopped,
                final_loss=statistics.fmean(losses[-50:]) if losses else None, chance=spec.chance,
                losses=[round(x, 4) for x in losses], grad_norms=[None if g is None else round(g, 4) for g in grad_curve],
-               loss_spikes=loss_spikes(losses),
                diagnostics=diagnostics, seconds=time.time() - t0, train_seconds=train_seconds,
                eval_seconds=eval_seconds)
     if memory_modules(model):

@@ -132,7 +132,7 @@ def test_seconds_long_study_run_saves_resumes_and_reports(tmp_path, capsys):
     assert 0 < d0["layer1.write_entropy"] <= 1 and 0 < d0["layer1.read_entropy"] <= 1
     assert "without_facts_accuracy" in lm2 and lm2["seconds"] >= lm2["train_seconds"] > 0
     assert len(lm2["losses"]) == len(lm2["grad_norms"]) == 3 and all(g > 0 for g in lm2["grad_norms"])
-    assert lm2["loss_spikes"] == []
+    assert ms.loss_spikes(lm2["losses"]) == []
     capsys.readouterr()
     assert ms.main(argv) == 0  # everything done: both skipped, nothing appended
     assert capsys.readouterr().out.count("skip") == 2
@@ -236,6 +236,8 @@ def test_loss_spikes_are_steps_far_above_the_recent_median():
     assert ms.loss_spikes(calm) == []
     assert ms.loss_spikes(spiky) == [60, 100]  # 5.5 < 2 x 2.8
     assert ms.loss_spikes(spiky[:55]) == []  # nothing before a full window
+    learned = [0.05 + 0.01 * (i % 3) for i in range(60)] + [0.3]  # 6x the median, but 0.25 nats
+    assert ms.loss_spikes(learned) == []
     line = ms.report_text([dict(task="fact", chunk=8, slots=8, pairs=1, hops=1, model="lm2", write="token",
                                 seed=0, steps=2, batch_size=4, curve=[(0, 0.1), (2, 0.2)], final_accuracy=0.2,
                                 best_accuracy=0.2,
