@@ -111,6 +111,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def logit_scales(write: str, args) -> dict:
+    """The qknorm modes' initial scales a config records: both for a scored write, the read's only
+    for qknorm-token (its write has no scores), none for the other modes."""
+    qk = write.startswith("qknorm")
+    return dict(tau_read=args.tau_read if qk else None,
+                tau_write=args.tau_write if qk and not write.endswith("token") else None)
+
+
 def resolve_slots(slots: str, chunk: int) -> int:
     table = {"C": chunk, "C/2": chunk // 2, "2C": 2 * chunk}
     return table[slots] if slots in table else int(slots)
@@ -253,7 +261,7 @@ def _on(batch: TaskBatch, device) -> TaskBatch:
 
 
 def _forward(model, batch: TaskBatch, mask):
-    batch = _on(batch, _device(model))
+    """`batch` on the model's device (callers move it once: they also read its labels and masks)."""
     pos = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None].expand_as(batch.tokens)
     return model(batch.tokens, pos, mask)
 
@@ -315,10 +323,8 @@ def diagnose_at_init(args) -> None:
             for r in load_runs(args.init_results)}
     for chunk in (int(c) for c in args.init_only.split(",")):
         for write in args.write.split(","):
-            qk = write.startswith("qknorm")
             cfg = dict(task=args.task, chunk=chunk, slots=resolve_slots(args.slots, chunk), pairs=args.pairs,
-                       hops=args.hops, model="lm2", write=write, tau_read=args.tau_read if qk else None,
-                       tau_write=args.tau_write if qk and not write.endswith("token") else None)
+                       hops=args.hops, model="lm2", write=write, **logit_scales(write, args))
             for seed in (int(s) for s in args.seeds.split(",")):
                 if (chunk, cfg["slots"], write, cfg["tau_write"], seed) in done:
                     continue
@@ -452,7 +458,6 @@ def _save_checkpoint(path: str, state: dict) -> None:
 
 
 def _forward_loss(model, batch: TaskBatch, mask):
-    batch = _on(batch, _device(model))
     pos = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None].expand_as(batch.tokens)
     return model(batch.tokens, pos, mask, labels=batch.labels)
 
@@ -781,14 +786,11 @@ def report(args) -> int:
 def configs_of(args):
     """(config, seed) for every model and seed the flags name: the unit a run and a result are."""
     for model_kind in args.models.split(","):
-        lm2 = model_kind == "lm2"
-        qk = args.write.startswith("qknorm") and lm2
+        write = args.write if model_kind == "lm2" else "none"
         base = dict(task=args.task, chunk=args.chunk, slots=resolve_slots(args.slots, args.chunk),
                     pairs=args.pairs if args.task == "mqar" else 1,
                     hops=args.hops if args.task == "persist" else 1, model=model_kind,
-                    write=args.write if lm2 else "none",
-                    tau_read=args.tau_read if qk else None,
-                    tau_write=args.tau_write if qk and not args.write.endswith("token") else None,
+                    write=write, **logit_scales(write, args),
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps)
         for seed in (int(s) for s in args.seeds.split(",")):
             yield base, seed
