@@ -828,6 +828,7 @@ def job_key(flags: list[str]) -> tuple:
 def run_plan(args) -> int:
     """Run a plan's configs --jobs at a time, each in its own one-thread process (a study on a GPU is
     bound by kernel launches, so processes side by side fill it), skipping finished configs."""
+    import signal
     import subprocess
 
     jobs = plan_jobs(args.plan)
@@ -839,7 +840,7 @@ def run_plan(args) -> int:
           f"{len(todo)} to run, {args.jobs} at a time; logs in {log_dir}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     shared = ["--results", args.results, "--ckpt-dir", args.ckpt_dir, "--threads", "1"]
-    t0, running, status = time.time(), {}, []
+    t0, running, status, stopped = time.time(), {}, [], set()
     pending = list(enumerate(todo))
 
     def late() -> bool:
@@ -853,12 +854,15 @@ def run_plan(args) -> int:
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
             running[proc] = (index, flags, time.time(), log)
         if late():
-            for proc in running:
+            for proc in running.keys() - stopped:  # once each; they checkpoint every 100 steps
                 proc.terminate()
+                stopped.add(proc)
         for proc in [p for p in running if p.poll() is not None]:
             index, flags, started, log = running.pop(proc)
             log.close()
-            state = "done" if proc.returncode == 0 else ("stopped at the deadline" if late() else f"failed (rc {proc.returncode})")
+            state = ("done" if proc.returncode == 0 else
+                     "stopped at the deadline" if proc in stopped and proc.returncode == -signal.SIGTERM else
+                     f"failed (rc {proc.returncode})")
             status.append((index, " ".join(flags), state, time.time() - started))
             print(f"[{time.time() - t0:6.0f}s] job {index}: {state} after {status[-1][3]:.0f}s: {' '.join(flags)}", flush=True)
         if late() and not running:

@@ -207,9 +207,10 @@ def test_vanilla_twin_has_no_path_across_the_window(task, chunk, extra):
     assert (logits["lm2"][0] - logits["lm2"][1]).abs().max() > 1e-3
 
 
-def test_a_plan_runs_side_by_side_skips_what_is_done_and_names_a_bad_line(tmp_path):
+def test_a_plan_runs_side_by_side_skips_what_is_done_and_names_a_bad_line(tmp_path, capsys):
     """--plan: one process per (line, model, seed), --jobs at a time, into one results file; a rerun
-    starts nothing; a deadline of 0 starts nothing; a line that is not the tool's flags is named."""
+    starts nothing; a deadline of 0 starts nothing, a later one stops what runs (not a failure); a line
+    that is not the tool's flags is named."""
     results, plan = tmp_path / "runs.jsonl", tmp_path / "plan.txt"
     tiny = "--chunk 8 --slots C --steps 2 --eval-every 2 --eval-samples 8 --batch-size 4"
     plan.write_text(f"# two lines, three configs\n--task fact {tiny} --write token\n\n"
@@ -224,6 +225,10 @@ def test_a_plan_runs_side_by_side_skips_what_is_done_and_names_a_bad_line(tmp_pa
     assert ms.main(argv) == 0 and len(results.read_text().splitlines()) == 3  # nothing left to run
     plan.write_text(plan.read_text() + f"--task fact {tiny} --write token --seeds 5\n")
     assert ms.main(argv + ["--deadline-s", "0"]) == 0 and len(results.read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert ms.main(argv + ["--deadline-s", "2"]) == 0  # started, then stopped: not a failure, nothing recorded
+    assert "job 0: stopped at the deadline" in capsys.readouterr().out
+    assert len(results.read_text().splitlines()) == 3
     plan.write_text("--task fact --chunk 8\n--tusk fact\n")
     with pytest.raises(SystemExit, match=r"plan.txt:2: not flags of memory_scaling.py"):
         ms.plan_jobs(str(plan))
