@@ -237,7 +237,8 @@ def build(cfg_args: dict, seed: int):
     memory_write = cfg_args.get("memory_write") or ("token" if cfg_args["write"].endswith("token") else "attention")
     config = get_flavor(flavor, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
                         attention_window=spec.chunk, memory_chunk_size=spec.chunk,
-                        memory_slots=cfg_args["slots"], memory_write=memory_write)
+                        memory_slots=cfg_args["slots"], memory_write=memory_write,
+                        memory_scores=cfg_args.get("memory_scores") or "dot")
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_model(config)

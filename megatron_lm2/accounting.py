@@ -67,13 +67,16 @@ def block_parameters(config: LM2Config) -> int:
 
 
 def memory_parameters(config: LM2Config) -> int:
-    """One memory module: its norm, Q, fused K/V, out/in/forget gates, projection (7 d^2)."""
+    """One memory module: its norm, Q, fused K/V, out/in/forget gates, projection (7 d^2), and
+    a learned M_0 or qk-norm logit scales where configured."""
     d = config.hidden_size
     params = d + 7 * d * d
     if config.add_bias_linear:
         params += 7 * d
     if config.memory_init == "learned":
         params += config.memory_slots * d
+    if config.memory_scores == "qknorm":  # a logit scale per head: the read's, the attention write's
+        params += config.memory_heads * (2 if config.memory_write == "attention" else 1)
     return params
 
 

@@ -27,6 +27,10 @@ from megatron_lm2.cli_errors import UserInputError
 # scores; aligned: the paper's equations literally (N = C). docs/memory.md.
 MEMORY_WRITE_MODES = ("attention", "token", "aligned")
 MEMORY_INIT_MODES = ("identity", "learned")
+# dot: Q K^T / sqrt(d_h); qknorm: every head's queries and slot keys RMS-normalised, the score
+# their cosine times a learned per-head logit scale (one for the read, one for the attention
+# write), initialised to memory_logit_scale. docs/memory.md, issue 10.
+MEMORY_SCORE_MODES = ("dot", "qknorm")
 
 
 class ConfigError(UserInputError):
@@ -96,6 +100,11 @@ class LM2Config(TransformerConfig):
                                   "must divide the sequence length)", positive=True, hf=True)
     memory_write: str = knob("attention", "memory write mode", choices=MEMORY_WRITE_MODES, hf=True)
     memory_init: str = knob("identity", "memory start value M_0", choices=MEMORY_INIT_MODES, hf=True)
+    memory_scores: str = knob("dot", "memory read/write scores: 'dot' = Q K^T / sqrt(d_h); 'qknorm' = "
+                              "cosine of RMS-normalised Q and K times a learned per-head scale",
+                              choices=MEMORY_SCORE_MODES, hf=True, optional_in_record=True)
+    memory_logit_scale: float = knob(10.0, "qknorm: initial per-head logit scale of the memory's scores",
+                                     positive=True, hf=True, optional_in_record=True)
     # None = every layer, () = none (the vanilla twin).
     memory_layers: Optional[Tuple[int, ...]] = knob(
         None, "1-based block numbers that carry a memory bank (default: every block; for none, use "
@@ -156,6 +165,11 @@ class LM2Config(TransformerConfig):
         if self.memory_init not in MEMORY_INIT_MODES:
             raise ConfigError(f"{{memory_init}}: expected one of {MEMORY_INIT_MODES}",
                               memory_init=self.memory_init)
+        if self.memory_scores not in MEMORY_SCORE_MODES:
+            raise ConfigError(f"{{memory_scores}}: expected one of {MEMORY_SCORE_MODES}",
+                              memory_scores=self.memory_scores)
+        if not self.memory_logit_scale > 0:
+            raise ConfigError("{memory_logit_scale} must be > 0", memory_logit_scale=self.memory_logit_scale)
         if self.memory_slots < 1:
             raise ConfigError("{memory_slots} must be >= 1", memory_slots=self.memory_slots)
         if self.memory_heads < 1 or self.hidden_size % self.memory_heads:

@@ -84,6 +84,12 @@ def identity_bank(num_slots: int, hidden_size: int, dtype=torch.float32, device=
     return bank
 
 
+def _rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last axis (the head dimension), the mean in >= fp32."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
 def _softmax(scores: Tensor) -> Tensor:
     """Softmax over the last axis in at least fp32 (bf16/fp16 scores are upcast)."""
     return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
@@ -252,6 +258,7 @@ class LM2Memory(MegatronModule):
         self.local_hidden = self.num_heads * self.head_dim  # d / tp
         self.chunk_size = config.memory_chunk_size
         self.write_mode = config.memory_write
+        self.score_mode = config.memory_scores
         self.score_scale = 1.0 / math.sqrt(self.head_dim)
         self.sequence_parallel = config.sequence_parallel
 
@@ -320,6 +327,20 @@ class LM2Memory(MegatronModule):
             self.initial_bank.partition_stride = 1
         else:
             self.register_buffer("initial_bank", initial.to(config.params_dtype), persistent=False)
+
+        if self.score_mode == "qknorm":
+            # One learned logit scale per head for the read, and one for the attention write
+            # (its softmax runs over tokens, not slots: it may want another sharpness). 1-D and
+            # TP-sharded with the heads, like a column-parallel bias.
+            names = ("read_logit_scale",) + (("write_logit_scale",) if self.write_mode == "attention" else ())
+            for name in names:
+                scale = torch.nn.Parameter(
+                    torch.full((self.num_heads,), float(config.memory_logit_scale), dtype=config.params_dtype)
+                )
+                scale.tensor_model_parallel = True
+                scale.partition_dim = 0
+                scale.partition_stride = 1
+                setattr(self, name, scale)
 
         self.carry = False
         self.bank: Optional[Tensor] = None
@@ -513,12 +534,28 @@ class LM2Memory(MegatronModule):
         return kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
 
     # ------------------------------------------------------------------------ attention
-    def score_inputs(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        """The (query, key) pair whose scaled dot products are the memory's scores, both in
-        SDPA layout [B, h, L, d_h]. The read soft-maxes them over slots, the attention write
-        over tokens; a variant that normalises queries/keys or learns a per-head logit scale
-        changes both here (scores = (q k^T) * self.score_scale)."""
-        return query, key
+    def score_inputs(self, query: Tensor, key: Tensor, role: str = "read") -> tuple[Tensor, Tensor]:
+        """The (query, key) pair whose scaled dot products are the memory's scores for `role`
+        ("read": soft-maxed over slots; "write": the attention write's, over tokens), both in SDPA
+        layout [B, h, L, d_h]: scores = (q k^T) * self.score_scale.
+
+        qknorm: q and k are divided by their root mean square per head, so q k^T / d_h is their
+        cosine, and the score is that cosine times the role's learned per-head scale s_h (the
+        query carries s_h / sqrt(d_h), SDPA's 1/sqrt(d_h) the rest). The scores are bounded by
+        s_h at any weight norm, and with s_h = 10 at init the softmax over N slots is not flat
+        (issue 10: the dot-product read starts uniform and its Q gradient falls with N)."""
+        if self.score_mode == "dot":
+            return query, key
+        scale = self.read_logit_scale if role == "read" else self.write_logit_scale
+        scale = scale.to(query.dtype).view(1, -1, 1, 1) * self.score_scale
+        return _rms_normalize(query) * scale, _rms_normalize(key)
+
+    def scores(self, query: Tensor, key: Tensor, role: str = "read") -> Tensor:
+        """The scores as an explicit matrix [B, h, c, N] for query [c, B, h, d_h] and key
+        [B, N, h, d_h] (eval.inspect replays the memory with them); the forward's SDPA calls
+        compute the same without storing it."""
+        q, k = self.score_inputs(query.permute(1, 2, 0, 3), key.transpose(1, 2), role)
+        return torch.einsum("bhce,bhne->bhcn", q, k) * self.score_scale
 
     def _read(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Eq. 1: E_mem = softmax(Q K^T / sqrt(d_h)) V, no mask (the bank holds only the past).
@@ -545,7 +582,7 @@ class LM2Memory(MegatronModule):
             # Slots gather the chunk: the read's scores, soft-maxed over tokens instead of
             # slots, weight the tokens' states (this rank's heads and columns). As attention:
             # the slots' keys are the queries, the tokens' queries the keys.
-            q, k = self.score_inputs(query.permute(1, 2, 0, 3), key)
+            q, k = self.score_inputs(query.permute(1, 2, 0, 3), key, role="write")
             k = k.expand(batch, -1, -1, -1)
             content = F.scaled_dot_product_attention(
                 k, q, token_values.permute(1, 2, 0, 3), scale=self.score_scale
@@ -581,8 +618,9 @@ class LM2Memory(MegatronModule):
         return _WriteUpdate.apply(logits, content, bank), logits, (logits, content, bank)  # Eq. 4-6
 
     def _write(self, bank: Tensor, scores: Tensor, token_values: Tensor, tokens: Tensor, read: Tensor):
-        """The write from an explicit score matrix [B, h, c, N] (eval.inspect replays the
-        memory with its scores). Same equations as the forward's SDPA write."""
+        """The write from an explicit write-score matrix [B, h, c, N] (`scores(..., "write")`;
+        eval.inspect replays the memory with it; None for the writes without scores). Same
+        equations as the forward's SDPA write."""
         if self.write_mode == "attention":
             attn = _softmax(scores.transpose(-1, -2)).to(tokens.dtype)
             content = torch.einsum("bhnc,cbhe->bnhe", attn, token_values)
@@ -649,13 +687,15 @@ class LM2Memory(MegatronModule):
             sharded.update(child.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
         if hasattr(self, "linear_gates"):
             sharded.update(self._gates_sharded_state_dict(prefix, sharded_offsets, metadata))
+        # The module's own tensors, TP-sharded: M_0 along the hidden axis, logit scales by head.
+        own, axes = {}, {}
         if isinstance(self.initial_bank, torch.nn.Parameter):
-            own = {"initial_bank": self.initial_bank}
-            sharded.update(
-                make_sharded_tensors_for_checkpoint(
-                    own, prefix, {"initial_bank": 1}, sharded_offsets
-                )
-            )
+            own["initial_bank"], axes["initial_bank"] = self.initial_bank, 1
+        for name in ("read_logit_scale", "write_logit_scale"):
+            if name in self._parameters:
+                own[name], axes[name] = self._parameters[name], 0
+        if own:
+            sharded.update(make_sharded_tensors_for_checkpoint(own, prefix, axes, sharded_offsets))
         return sharded
 
     def _gates_sharded_state_dict(self, prefix, sharded_offsets, metadata) -> ShardedStateDict:

@@ -505,11 +505,16 @@ def test_megatron_scorer_matches_hand_computation(megatron_world):
     assert scorer.loglikelihood("Question: 2+2?\nAnswer:", " four") == pytest.approx(by_hand, abs=1e-6)
 
 
-def test_inspect_read_attention_rebuilds_the_memory_output(megatron_world, tmp_path):
+@pytest.mark.parametrize("scores", ["dot", "qknorm"])
+def test_inspect_read_attention_rebuilds_the_memory_output(megatron_world, tmp_path, scores):
     from megatron_lm2.eval.inspect import inspect_memory, plot_gate_stats, plot_read_attention
     from megatron_lm2.memory_state import memory_modules
 
-    model = _megatron_model("debug")
+    model = _megatron_model("debug", memory_scores=scores)
+    if scores == "qknorm":  # the write's scale apart from the read's, so a mix-up shows
+        with torch.no_grad():
+            for module in memory_modules(model).values():
+                module.write_logit_scale.fill_(3.0)
     outputs = {}
     # clone: the layer adds the residual into this tensor in place at inference
     hooks = [m.register_forward_hook(lambda mod, a, out, n=n: outputs.__setitem__(n, out[0].clone()))

@@ -29,6 +29,9 @@ def _leaf_weights(module: LM2Memory) -> dict:
         forget_gate=state["linear_forget_gate.weight"], proj=state["linear_proj.weight"],
         initial=module.initial_bank.detach().clone(),
     )
+    for name in ("read", "write"):  # qk-norm's per-head logit scales
+        if hasattr(module, f"{name}_logit_scale"):
+            weights[f"{name}_scale"] = getattr(module, f"{name}_logit_scale").detach()
     return {k: v.clone().requires_grad_(True) for k, v in weights.items()}
 
 
@@ -45,6 +48,9 @@ def _module_grads(module: LM2Memory) -> dict:
                  proj=module.linear_proj.weight.grad)
     if isinstance(module.initial_bank, torch.nn.Parameter):
         grads["initial"] = module.initial_bank.grad
+    for name in ("read", "write"):
+        if hasattr(module, f"{name}_logit_scale"):
+            grads[f"{name}_scale"] = getattr(module, f"{name}_logit_scale").grad
     return grads
 
 
@@ -62,8 +68,12 @@ def _rel(a, b):
         dict(memory_init="learned"),
         dict(memory_slots=40),  # N > d: slots past d start at zero
         dict(memory_bptt_chunks=2),
+        dict(memory_scores="qknorm"),
+        dict(memory_write="token", memory_slots=8, memory_scores="qknorm"),
+        dict(memory_write="aligned", memory_slots=8, memory_scores="qknorm", memory_init="learned"),
     ],
-    ids=["attention", "aligned", "token", "token-bptt2", "learned", "slots>d", "bptt2"],
+    ids=["attention", "aligned", "token", "token-bptt2", "learned", "slots>d", "bptt2", "qknorm",
+         "qknorm-token", "qknorm-aligned-learned"],
 )
 def test_gradients_equal_float64_reference(overrides):
     cfg, module = _memory(**overrides)
@@ -80,7 +90,8 @@ def test_gradients_equal_float64_reference(overrides):
             ref_out, _ = memory_reference(ref_tokens, leaves, HEADS, 8, cfg.memory_write)
         assert _rel(out.detach(), ref_out) < 1e-10
         return
-    ref_out, _ = memory_reference(ref_tokens, leaves, HEADS, 8, cfg.memory_write)
+    ref_out, _ = memory_reference(ref_tokens, leaves, HEADS, 8, cfg.memory_write,
+                                  qk_norm=cfg.memory_scores == "qknorm")
     (ref_out * weight).sum().backward()
     assert _rel(out.detach(), ref_out.detach()) < 1e-10
     assert _rel(tokens.grad, ref_tokens.grad) < 1e-10

@@ -15,24 +15,41 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def _qknorm_scales(module):
+    """Distinct per-head scales, as training leaves them (random_memory draws N(0, 0.3))."""
+    with torch.no_grad():
+        for name in ("read_logit_scale", "write_logit_scale"):
+            if hasattr(module, name):
+                scale = getattr(module, name)
+                scale.copy_(torch.linspace(2.0, 12.0, scale.numel(), dtype=scale.dtype).flip(0)
+                            if name == "write_logit_scale" else torch.linspace(2.0, 12.0, scale.numel()))
+
+
+@pytest.mark.parametrize("scores", ["dot", "qknorm"])
 @pytest.mark.parametrize("write", ["attention", "token", "aligned"])
 @pytest.mark.parametrize("init", ["identity", "learned"])
-def test_module_equals_float64_reference(write, init):
+def test_module_equals_float64_reference(write, init, scores):
     slots = 12 if write == "attention" else 8
-    cfg, module = _memory(memory_write=write, memory_init=init, memory_slots=slots)
+    cfg, module = _memory(memory_write=write, memory_init=init, memory_slots=slots, memory_scores=scores)
+    _qknorm_scales(module)
     tokens = torch.randn(40, 3, 64, dtype=torch.float64)  # 5 chunks of 8
     with carry_memory(module):
         out, bias = module(tokens)
         bank = memory_banks(module)[1]
     assert bias is None
     ref_out, ref_bank = memory_reference(
-        tokens, weights_of(module, cfg.memory_heads), cfg.memory_heads, cfg.memory_chunk_size, write
+        tokens, weights_of(module, cfg.memory_heads), cfg.memory_heads, cfg.memory_chunk_size, write,
+        qk_norm=scores == "qknorm",
     )
     assert _rel_err(out, ref_out) < 1e-10
     assert _rel_err(bank, ref_bank) < 1e-10
     # The comparison is not vacuous: the output is far from zero and the bank moved from M_0.
     assert ref_out.abs().max() > 1e-2
     assert (ref_bank - weights_of(module, cfg.memory_heads)["initial"]).abs().max() > 1e-2
+    if scores == "qknorm":  # and the scores are not the dot product's
+        dot, _ = memory_reference(tokens, weights_of(module, cfg.memory_heads), cfg.memory_heads,
+                                  cfg.memory_chunk_size, write)
+        assert _rel_err(dot, ref_out) > 1e-2
 
 
 def test_ragged_last_chunk_and_carried_bank_match_reference():
@@ -50,9 +67,11 @@ def test_ragged_last_chunk_and_carried_bank_match_reference():
     assert _rel_err(out, ref_out) < 1e-10
 
 
+@pytest.mark.parametrize("scores", ["dot", "qknorm"])
 @pytest.mark.parametrize("write", ["attention", "token", "aligned"])
-def test_streaming_in_uneven_calls_equals_one_call(write):
-    cfg, module = _memory(memory_write=write, memory_slots=8)
+def test_streaming_in_uneven_calls_equals_one_call(write, scores):
+    cfg, module = _memory(memory_write=write, memory_slots=8, memory_scores=scores)
+    _qknorm_scales(module)
     tokens = torch.randn(40, 2, 64, dtype=torch.float64)
     with carry_memory(module):
         whole, _ = module(tokens)

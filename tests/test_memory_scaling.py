@@ -47,10 +47,15 @@ def test_study_forward_equals_float64_reference(write):
     assert ref.abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("write", ["attention", "token"])
+@pytest.mark.parametrize("write", ["attention", "token", "qknorm", "qknorm-token"])
 def test_study_write_equals_the_module(write):
-    slots = 8 if write == "token" else 6
-    module_model, spec = ms.build(_cfg(write="module", memory_write=write, slots=slots), 0)
+    """Each study mode the module has is the module's own computation (qknorm: memory_scores
+    'qknorm', the same parameter names), so the study's numbers are the module's."""
+    token = write.endswith("token")
+    slots = 8 if token else 6
+    knobs = dict(memory_write="token" if token else "attention",
+                 memory_scores="qknorm" if write.startswith("qknorm") else "dot")
+    module_model, spec = ms.build(_cfg(write="module", slots=slots, **knobs), 0)
     study_model, _ = ms.build(_cfg(write=write, slots=slots), 0)
     for m in (module_model, study_model):
         m.double()

@@ -34,10 +34,11 @@ def _logits(model, tokens, mask=None):
     return model(tokens, positions, mask)
 
 
+@pytest.mark.parametrize("scores", ["dot", "qknorm"])
 @pytest.mark.parametrize("write", ["attention", "token", "aligned"])
-def test_causal_across_chunks_float64(write):
+def test_causal_across_chunks_float64(write, scores):
     slots = {"attention": SMALL["memory_slots"]}.get(write, SMALL["memory_chunk_size"])
-    cfg, model = _model(torch.float64, memory_write=write, memory_slots=slots)
+    cfg, model = _model(torch.float64, memory_write=write, memory_slots=slots, memory_scores=scores)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length))
     with torch.no_grad():
         base = _logits(model, tokens)
@@ -173,9 +174,11 @@ def test_unknown_flavor_and_field():
         get_flavor("debug").replace(memory_slot=3)
 
 
-@pytest.mark.parametrize("name", list_flavors())
-def test_parameter_count_matches_the_built_model(name):
-    cfg = get_flavor(name, perform_initialization=False)
+@pytest.mark.parametrize("name, overrides", [(n, {}) for n in list_flavors()] + [
+    ("debug", dict(memory_scores="qknorm")),
+    ("debug", dict(memory_scores="qknorm", memory_write="token", memory_slots=64, memory_init="learned"))])
+def test_parameter_count_matches_the_built_model(name, overrides):
+    cfg = get_flavor(name, perform_initialization=False, **overrides)
     with torch.device("meta"):
         model = build_model(cfg)
     built = sum(p.numel() for p in model.parameters())

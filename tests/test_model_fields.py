@@ -59,7 +59,8 @@ def test_hf_side_fields_come_from_the_declaration():
 
     assert ARCH_FIELDS == tuple(knob.name for knob in MODEL_FIELDS)
     assert HF_FIELDS == tuple(knob.name for knob in MODEL_FIELDS if knob.hf)
-    config = get_flavor("debug", memory_layers=(2, 4), memory_init="learned", attention_window=128)
+    config = get_flavor("debug", memory_layers=(2, 4), memory_init="learned", attention_window=128,
+                        memory_scores="qknorm", memory_logit_scale=7.5)
     hf = to_hf_config(config)
     for name in HF_FIELDS:
         if name != "memory_layers":
@@ -68,6 +69,21 @@ def test_hf_side_fields_come_from_the_declaration():
     for knob in MODEL_FIELDS:
         if knob.name != "memory_bptt_chunks":  # training only: HF has no such knob
             assert getattr(back, knob.name) == getattr(config, knob.name), knob.name
+
+
+def test_hf_folder_exported_before_a_knob_existed_converts_with_its_default():
+    """An exported folder carries its own configuration_lm2.py: one written before
+    memory_scores existed has no such attribute, and meant the dot-product scores."""
+    from megatron_lm2.convert.megatron_config import from_hf_config, to_hf_config
+
+    hf = to_hf_config(get_flavor("debug"))
+    for name in ("memory_scores", "memory_logit_scale"):
+        delattr(hf, name)
+    back = from_hf_config(hf, vocab_size=hf.vocab_size)
+    assert back.memory_scores == "dot" and back.memory_logit_scale == 10.0
+    delattr(hf, "memory_slots")  # a knob every export has: its absence is an error, not a default
+    with pytest.raises(AttributeError):
+        from_hf_config(hf, vocab_size=hf.vocab_size)
 
 
 # ------------------------------------------------------------------ lm2-train's flags
@@ -153,6 +169,7 @@ def test_record_holds_every_declared_field_and_round_trips():
     from megatron_lm2.convert.megatron_config import config_from_dict, config_to_dict
 
     config = get_flavor("lm2-1.7b-mem6", memory_init="learned", attention_window=1024, memory_bptt_chunks=2,
+                        memory_scores="qknorm", memory_logit_scale=5.0,
                         params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, tie_embeddings=True,
                         rotary_base=500000, vocab_size=50304)
     record = json.loads(json.dumps(config_to_dict(config)))  # JSON-serialisable

@@ -33,6 +33,8 @@ _LAYER_RENAMES = (
     ("memory.linear_forget_gate.weight", "memory.forget_gate.weight"),
     ("memory.linear_proj.weight", "memory.o_proj.weight"),
     ("memory.initial_bank", "memory.initial_bank"),
+    ("memory.read_logit_scale", "memory.read_logit_scale"),
+    ("memory.write_logit_scale", "memory.write_logit_scale"),
 )
 _GLOBAL_RENAMES = (
     ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
@@ -82,6 +84,13 @@ def fuse_memory_kv(k: Tensor, v: Tensor, config: LM2Config) -> Tensor:
     d = config.hidden_size
     shape = (config.memory_heads, 1, config.memory_head_dim, d)
     return torch.cat((k.view(shape), v.view(shape)), dim=1).reshape(2 * d, d).clone()
+
+
+def _has_logit_scale(config: LM2Config, name: str) -> bool:
+    """qk-norm memories learn a read scale per head, and a write scale for the attention write."""
+    if config.memory_scores != "qknorm":
+        return False
+    return name.endswith("read_logit_scale") or config.memory_write == "attention"
 
 
 def megatron_to_hf(state: Dict[str, Tensor], config: LM2Config) -> Iterator[Tuple[str, Tensor]]:
@@ -155,6 +164,8 @@ def hf_to_megatron(get: Callable[[str], Tensor], names, config: LM2Config) -> Di
             if mg_rest.startswith("memory") and i + 1 not in memory_layers:
                 continue
             if mg_rest == "memory.initial_bank" and config.memory_init != "learned":
+                continue
+            if mg_rest.endswith("_logit_scale") and not _has_logit_scale(config, mg_rest):
                 continue
             state[mg + mg_rest] = take(hf + hf_rest)
         if i + 1 in memory_layers:

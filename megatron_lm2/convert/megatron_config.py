@@ -199,7 +199,10 @@ def from_hf_config(hf_config, vocab_size: int, seq_length: int | None = None) ->
     if model_type == "llama":
         fields.update(memory_layers=())
     else:
-        fields.update({name: getattr(hf_config, name) for name in HF_FIELDS},
+        # A knob added after a folder was exported (its own copy of configuration_lm2.py lacks
+        # it) means what it meant then: the default.
+        fields.update({name: getattr(hf_config, name) if hasattr(hf_config, name) or not
+                       _FIELDS[name].optional_in_record else _FIELDS[name].default for name in HF_FIELDS},
                       memory_layers=tuple(hf_config.memory_layer_numbers))
     return llama_decoder(**fields)
 

@@ -14,7 +14,6 @@ with the module's own write, so the banks are exactly the ones the forward used.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -61,12 +60,13 @@ def read_attention(module: LM2Memory, hidden_states: Tensor, start_bank: Optiona
         kv = module.linear_kv(gather_from_tensor_model_parallel_region(bank))[0]
         kv = kv.view(batch, module.num_slots, h, 2, dh)
         key, value = kv[..., 0, :], kv[..., 1, :]
-        scores = torch.einsum("cbhe,bnhe->bhcn", query[start:end], key) / math.sqrt(dh)
+        scores = module.scores(query[start:end], key)
         p = torch.softmax(scores.float(), dim=-1)
         probs.append(p)
         reads.append(torch.einsum("bhcn,bnhe->cbhe", p.to(value.dtype), value))
         if end < seq_len:  # the module's own write (Eq. 4-6), so the banks are the forward's
-            bank, _ = module._write(bank, scores, token_values[start:end], hidden_states[start:end], reads[-1])
+            write_scores = module.scores(query[start:end], key, "write") if module.write_mode == "attention" else None
+            bank, _ = module._write(bank, write_scores, token_values[start:end], hidden_states[start:end], reads[-1])
     attention = torch.cat(probs, dim=2)
     e_mem = torch.cat(reads, dim=0).reshape(seq_len, batch, module.local_hidden)
     return attention, e_mem

@@ -10,7 +10,9 @@ from transformers import PretrainedConfig
 
 MEMORY_WRITE_MODES = ("attention", "token", "aligned")
 MEMORY_INIT_MODES = ("identity", "learned")
-CHOICES = {"memory_write": MEMORY_WRITE_MODES, "memory_init": MEMORY_INIT_MODES}
+MEMORY_SCORE_MODES = ("dot", "qknorm")
+CHOICES = {"memory_write": MEMORY_WRITE_MODES, "memory_init": MEMORY_INIT_MODES,
+           "memory_scores": MEMORY_SCORE_MODES}
 
 
 class LM2Config(PretrainedConfig):
@@ -22,6 +24,9 @@ class LM2Config(PretrainedConfig):
         tokens of chunk j read the bank as it stood after chunk j-1.
     attention_window: None = causal attention over the whole sequence; W = causal attention
         inside segments of W tokens, blocked across them (the memory carries what crosses).
+    memory_scores: 'dot' = Q K^T / sqrt(d_h); 'qknorm' = the cosine of RMS-normalised queries
+        and slot keys times a learned per-head scale (read_logit_scale, and write_logit_scale
+        for the attention write), initialised to memory_logit_scale.
     prefill_piece_size: with a cache, a prompt longer than this is consumed in pieces of this
         many tokens (streaming prefill); None = memory_chunk_size. (Not named
         prefill_chunk_size: generate() would take that for its own chunked prefill.)
@@ -54,6 +59,8 @@ class LM2Config(PretrainedConfig):
         memory_layers=None,
         attention_window=None,
         prefill_piece_size=None,
+        memory_scores="dot",
+        memory_logit_scale=10.0,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
@@ -77,6 +84,8 @@ class LM2Config(PretrainedConfig):
         self.memory_chunk_size = memory_chunk_size
         self.memory_write = memory_write
         self.memory_init = memory_init
+        self.memory_scores = memory_scores
+        self.memory_logit_scale = float(memory_logit_scale)
         self.memory_layers = None if memory_layers is None else sorted(int(n) for n in memory_layers)
         self.attention_window = attention_window
         self.prefill_piece_size = prefill_piece_size
@@ -112,6 +121,8 @@ class LM2Config(PretrainedConfig):
             raise ValueError(f"memory_write={self.memory_write!r}: expected one of {MEMORY_WRITE_MODES}")
         if self.memory_init not in MEMORY_INIT_MODES:
             raise ValueError(f"memory_init={self.memory_init!r}: expected one of {MEMORY_INIT_MODES}")
+        if self.memory_scores not in MEMORY_SCORE_MODES:
+            raise ValueError(f"memory_scores={self.memory_scores!r}: expected one of {MEMORY_SCORE_MODES}")
         if self.hidden_size % self.memory_heads:
             raise ValueError(
                 f"memory_heads={self.memory_heads} must divide hidden_size={self.hidden_size}"

@@ -58,6 +58,12 @@ def _one_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
 
+def _rms(x, eps=1e-6):
+    """x / sqrt(mean(x^2) + eps) over the head dimension, the mean in at least fp32."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
 def identity_bank(num_slots, hidden_size, dtype=torch.float32, device=None):
     """The paper's M_0: slot i is the unit vector e_i for i < min(N, d), zeros after. [N, d]"""
     bank = torch.zeros(num_slots, hidden_size, dtype=dtype, device=device)
@@ -253,6 +259,12 @@ class LM2MemoryBlock(nn.Module):
             self.initial_bank = nn.Parameter(identity_bank(self.num_slots, d))
         else:
             self.initial_bank = None
+        self.qk_norm = config.memory_scores == "qknorm"
+        self.logit_scale_init = config.memory_logit_scale
+        if self.qk_norm:
+            self.read_logit_scale = nn.Parameter(torch.full((self.num_heads,), self.logit_scale_init))
+            if self.write_mode == "attention":
+                self.write_logit_scale = nn.Parameter(torch.full((self.num_heads,), self.logit_scale_init))
 
     def start_bank(self, batch_size, dtype, device):
         if self.initial_bank is not None:
@@ -261,21 +273,26 @@ class LM2MemoryBlock(nn.Module):
             bank = identity_bank(self.num_slots, self.hidden_size, dtype=dtype, device=device)
         return bank.unsqueeze(0).expand(batch_size, -1, -1)
 
-    def _scores(self, queries, bank):
-        """Q K^T / sqrt(d_h) for queries [B, c, H_m, d_h] against the bank: [B, H_m, c, N]."""
+    def _scores(self, queries, bank, scale=None):
+        """Scores [B, H_m, c, N] of queries [B, c, H_m, d_h] against the bank: Q K^T / sqrt(d_h),
+        or with qk-norm the cosine of the RMS-normalised query and key times scale[h]."""
         keys = self.k_proj(bank).view(bank.shape[0], self.num_slots, self.num_heads, self.head_dim)
-        return torch.einsum("bchd,bnhd->bhcn", queries, keys) / math.sqrt(self.head_dim)
+        if not self.qk_norm:
+            return torch.einsum("bchd,bnhd->bhcn", queries, keys) / math.sqrt(self.head_dim)
+        cosine = torch.einsum("bchd,bnhd->bhcn", _rms(queries), _rms(keys)) / self.head_dim
+        return cosine * scale.to(cosine.dtype).view(1, -1, 1, 1)
 
     def _read(self, queries, bank):
         values = self.v_proj(bank).view(bank.shape[0], self.num_slots, self.num_heads, self.head_dim)
-        attn = torch.softmax(self._scores(queries, bank).float(), dim=-1).to(values.dtype)
+        scores = self._scores(queries, bank, self.read_logit_scale if self.qk_norm else None)
+        attn = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         return torch.einsum("bhcn,bnhd->bchd", attn, values)  # Eq. 1
 
     def _write(self, bank, queries, tokens, reads):
         """Eq. 4-6 for one complete chunk: M <- g_in * tanh(U) + g_forget * M."""
         batch = bank.shape[0]
         if self.write_mode == "attention":
-            scores = self._scores(queries, bank)
+            scores = self._scores(queries, bank, self.write_logit_scale if self.qk_norm else None)
             attn = torch.softmax(scores.transpose(-1, -2).float(), dim=-1).to(tokens.dtype)
             per_head = tokens.view(batch, -1, self.num_heads, self.head_dim)
             content = torch.einsum("bhnc,bchd->bnhd", attn, per_head)
@@ -356,8 +373,12 @@ class LM2PreTrainedModel(PreTrainedModel):
             module.weight.data.normal_(mean=0.0, std=std)
         elif isinstance(module, LM2RMSNorm):
             module.weight.data.fill_(1.0)
-        elif isinstance(module, LM2MemoryBlock) and module.initial_bank is not None:
-            module.initial_bank.data.copy_(identity_bank(module.num_slots, module.hidden_size))
+        elif isinstance(module, LM2MemoryBlock):
+            if module.initial_bank is not None:
+                module.initial_bank.data.copy_(identity_bank(module.num_slots, module.hidden_size))
+            for name in ("read_logit_scale", "write_logit_scale"):
+                if hasattr(module, name):
+                    getattr(module, name).data.fill_(module.logit_scale_init)
 
     @classmethod
     def _supports_default_dynamic_cache(cls):
