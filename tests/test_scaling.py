@@ -103,6 +103,10 @@ def test_depth_knob_and_memory_rules_are_switchable():
     assert every2.memory_layer_numbers == (2, 4, 6, 8)
     chunks4 = make_rung("lm2", 1024, model, ladder, MemorySection(chunks_per_sequence=4)).config()
     assert chunks4.memory_chunk_size == 512
+    qknorm = make_rung("lm2", 1024, model, ladder, MemorySection(scores="qknorm")).config()
+    assert qknorm.memory_scores == "qknorm" and proportional.memory_scores == "dot"
+    scales = 2 * qknorm.memory_heads * len(qknorm.memory_layer_numbers)  # read + write, per head and layer
+    assert num_parameters(qknorm).total == num_parameters(proportional).total + scales
 
 
 # ------------------------------------------------------------------------------- plans

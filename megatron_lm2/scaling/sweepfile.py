@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_lm2.cli_errors import UserInputError
-from megatron_lm2.config import MEMORY_INIT_MODES, MEMORY_WRITE_MODES
+from megatron_lm2.config import MEMORY_INIT_MODES, MEMORY_SCORE_MODES, MEMORY_WRITE_MODES
 
 FAMILIES = ("lm2", "vanilla")
 KNOBS = ("width", "depth")
@@ -70,6 +70,7 @@ class MemorySection:
     layers: str = "all"  # "all" | "every:K" | "first:K" | "last:K"
     write: str = field(default="attention", metadata=_choice(MEMORY_WRITE_MODES))
     init: str = field(default="identity", metadata=_choice(MEMORY_INIT_MODES))
+    scores: str = field(default="dot", metadata=_choice(MEMORY_SCORE_MODES))
 
 
 @dataclass(kw_only=True)
