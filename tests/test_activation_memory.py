@@ -39,8 +39,10 @@ def measured_bytes(cfg, batch: int) -> int:
         dict(memory_write="aligned"),
         dict(memory_write="token"),
         dict(memory_init="learned", memory_slots=64, memory_chunk_size=64),
+        dict(memory_scores="qknorm"),
+        dict(memory_scores="qknorm", memory_write="token"),
     ],
-    ids=["vanilla", "lm2", "subset-4chunks", "aligned", "token", "learned"],
+    ids=["vanilla", "lm2", "subset-4chunks", "aligned", "token", "learned", "qknorm", "qknorm-token"],
 )
 def test_activation_estimate_within_15_percent(overrides):
     cfg = get_flavor("debug", **{**SHAPE, **overrides})

@@ -93,7 +93,8 @@ def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_at
     the reads and the output-gate logits 3u/t (+u all-gathered E_mem when t > 1); the fp32
     log-sum-exps; per written chunk the write content and the gate logits 3bNh/t (+bNh
     gathered); per chunk j >= 1 its keys and values 2bNh/t (+bNh gathered bank); chunk 0's
-    keys and values from the weights, 2Nh/t (one sample). Plus fp32 logits for the loss.
+    keys and values from the weights, 2Nh/t (one sample). qk-norm scores add, per role, the
+    normalised and the scaled queries and keys. Plus fp32 logits for the loss.
     tests/test_activation_memory.py checks this against saved-tensor hooks on CPU (fp32,
     local spec, no fused kernels); `fused_kernels` (default: = flash_attention, the GPU
     setting) selects fused RoPE and SwiGLU."""
@@ -120,6 +121,13 @@ def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_at
         memory += written * ((3 / tp + gathered) * bank + 4 * b * (hm / tp) * n)
         memory += (chunks - 1) * (2 / tp + gathered) * bank
         memory += 2 * n * h * p / tp
+        if config.memory_scores == "qknorm":
+            # Per score role, the RMS-normalised query and its scaled copy (the one SDPA keeps),
+            # and the same for the keys of banks 1.. (M_0's are one sample): the read over every
+            # chunk; the attention write over the written chunks.
+            memory += 2 * u / tp + (chunks - 1) * 2 * bank / tp
+            if config.memory_write == "attention":
+                memory += 2 * u / tp * written / chunks + max(written - 1, 0) * 2 * bank / tp
         total += len(config.memory_layer_numbers) * memory
     total += 4 * s * b * config.vocab_size / tp + 2 * u  # fp32 logits for the loss, final norm
     return total
