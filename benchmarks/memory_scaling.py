@@ -529,8 +529,9 @@ def _fmt_steps(values, budget) -> str:
     shown = [str(v) if v is not None else f">{budget}" for v in values]
     done = sorted(v for v in values if v is not None)
     med = statistics.median(values) if len(done) == len(values) else None
-    head = f"{med:g}" if med is not None else (f">{budget}" if len(done) * 2 < len(values) else
-                                                f"{statistics.median(done + [math.inf] * (len(values) - len(done))):g}")
+    if med is None:  # unfinished runs count as infinitely slow; a median among them is '>budget'
+        med = statistics.median(done + [math.inf] * (len(values) - len(done)))
+    head = f">{budget}" if math.isinf(med) else f"{med:g}"
     return f"{head} ({', '.join(shown)})"
 
 
