@@ -75,8 +75,7 @@ def memory_parameters(config: LM2Config) -> int:
         params += 7 * d
     if config.memory_init == "learned":
         params += config.memory_slots * d
-    if config.memory_scores == "qknorm":  # a logit scale per head: the read's, the attention write's
-        params += config.memory_heads * (2 if config.memory_write == "attention" else 1)
+    params += config.memory_heads * len(config.memory_logit_scales)  # qk-norm: a scale per head
     return params
 
 

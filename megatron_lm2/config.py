@@ -141,6 +141,14 @@ class LM2Config(TransformerConfig):
         return len(self.memory_layer_numbers) > 0
 
     @property
+    def memory_logit_scales(self) -> Tuple[str, ...]:
+        """The memory module's learned per-head logit scales: with qk-norm the read's, and the
+        attention write's (the other writes have no write scores); none with dot scores."""
+        if self.memory_scores != "qknorm":
+            return ()
+        return ("read_logit_scale",) + (("write_logit_scale",) if self.memory_write == "attention" else ())
+
+    @property
     def memory_head_dim(self) -> int:
         return self.hidden_size // self.memory_heads
 

@@ -328,19 +328,17 @@ class LM2Memory(MegatronModule):
         else:
             self.register_buffer("initial_bank", initial.to(config.params_dtype), persistent=False)
 
-        if self.score_mode == "qknorm":
-            # One learned logit scale per head for the read, and one for the attention write
-            # (its softmax runs over tokens, not slots: it may want another sharpness). 1-D and
-            # TP-sharded with the heads, like a column-parallel bias.
-            names = ("read_logit_scale",) + (("write_logit_scale",) if self.write_mode == "attention" else ())
-            for name in names:
-                scale = torch.nn.Parameter(
-                    torch.full((self.num_heads,), float(config.memory_logit_scale), dtype=config.params_dtype)
-                )
-                scale.tensor_model_parallel = True
-                scale.partition_dim = 0
-                scale.partition_stride = 1
-                setattr(self, name, scale)
+        # qk-norm: one learned logit scale per head for the read, and one for the attention write
+        # (its softmax runs over tokens, not slots: it may want another sharpness). 1-D and
+        # TP-sharded with the heads, like a column-parallel bias.
+        for name in config.memory_logit_scales:
+            scale = torch.nn.Parameter(
+                torch.full((self.num_heads,), float(config.memory_logit_scale), dtype=config.params_dtype)
+            )
+            scale.tensor_model_parallel = True
+            scale.partition_dim = 0
+            scale.partition_stride = 1
+            setattr(self, name, scale)
 
         self.carry = False
         self.bank: Optional[Tensor] = None
@@ -691,9 +689,8 @@ class LM2Memory(MegatronModule):
         own, axes = {}, {}
         if isinstance(self.initial_bank, torch.nn.Parameter):
             own["initial_bank"], axes["initial_bank"] = self.initial_bank, 1
-        for name in ("read_logit_scale", "write_logit_scale"):
-            if name in self._parameters:
-                own[name], axes[name] = self._parameters[name], 0
+        for name in self.config.memory_logit_scales:
+            own[name], axes[name] = self._parameters[name], 0
         if own:
             sharded.update(make_sharded_tensors_for_checkpoint(own, prefix, axes, sharded_offsets))
         return sharded

@@ -86,13 +86,6 @@ def fuse_memory_kv(k: Tensor, v: Tensor, config: LM2Config) -> Tensor:
     return torch.cat((k.view(shape), v.view(shape)), dim=1).reshape(2 * d, d).clone()
 
 
-def _has_logit_scale(config: LM2Config, name: str) -> bool:
-    """qk-norm memories learn a read scale per head, and a write scale for the attention write."""
-    if config.memory_scores != "qknorm":
-        return False
-    return name.endswith("read_logit_scale") or config.memory_write == "attention"
-
-
 def megatron_to_hf(state: Dict[str, Tensor], config: LM2Config) -> Iterator[Tuple[str, Tensor]]:
     """Yield (HF name, tensor) for a full Megatron state dict, one tensor at a time."""
     seen = set()
@@ -165,7 +158,7 @@ def hf_to_megatron(get: Callable[[str], Tensor], names, config: LM2Config) -> Di
                 continue
             if mg_rest == "memory.initial_bank" and config.memory_init != "learned":
                 continue
-            if mg_rest.endswith("_logit_scale") and not _has_logit_scale(config, mg_rest):
+            if mg_rest.endswith("_logit_scale") and mg_rest.removeprefix("memory.") not in config.memory_logit_scales:
                 continue
             state[mg + mg_rest] = take(hf + hf_rest)
         if i + 1 in memory_layers:
