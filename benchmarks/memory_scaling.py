@@ -336,7 +336,7 @@ def diagnose_at_init(args) -> None:
                 diag = memory_diagnostics(model, batch, mask)
                 loss = (_forward_loss(model, batch, mask) * batch.loss_mask).sum() / batch.loss_mask.sum()
                 loss.backward()
-                run = dict(cfg, seed=seed, batch_size=args.batch_size, loss=float(loss), grad_norm=grad_norms(model),
+                run = dict(cfg, seed=seed, batch_size=args.batch_size, loss=float(loss.detach()), grad_norm=grad_norms(model),
                            diagnostics=diag, seconds=time.time() - t0, commit=_commit(),
                            machine=f"{platform.machine()}, torch {torch.__version__}")
                 append_run(args.init_results, run)
@@ -421,12 +421,12 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
         loss.backward()
         if diag is not None:
             diag["grad_norm"] = grad_norms(model)
-            diag["loss"] = float(loss)
+            diag["loss"] = float(loss.detach())
             diagnostics.append(diag)
         grad_curve.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         train_seconds += time.time() - ts
     run = dict(cfg_args, seed=seed, curve=curve, final_accuracy=curve[-1][1],
                best_accuracy=max(a for _, a in curve), steps_to_50=steps_to(curve, 0.5),

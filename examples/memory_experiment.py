@@ -117,7 +117,7 @@ def train_one(flavor: str, seed: int, args, spec: MQARSpec) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     run = {"flavor": flavor, "seed": seed, "curve": curve, "final_accuracy": curve[-1][1],
            "final_loss": statistics.fmean(losses[-50:]), "seconds": time.time() - start}
     if model.config.has_memory:
