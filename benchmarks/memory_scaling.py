@@ -309,9 +309,9 @@ def memory_diagnostics(model, batch: TaskBatch, mask) -> dict:
         m.study_collect, m.study_fact_mask = False, None
         for k, v in m.study_diag.items():
             out[f"layer{m.layer_number}.{k}"] = v
-        if hasattr(m, "write_logit_scale"):
-            out[f"layer{m.layer_number}.read_logit_scale"] = m.read_logit_scale.tolist()
-            out[f"layer{m.layer_number}.write_logit_scale"] = m.write_logit_scale.tolist()
+        for name in ("read_logit_scale", "write_logit_scale"):  # qk-norm; qknorm-token has the read's only
+            if hasattr(m, name):
+                out[f"layer{m.layer_number}.{name}"] = getattr(m, name).tolist()
     return out
 
 
@@ -536,7 +536,9 @@ def _fmt_steps(values, budget) -> str:
 
 
 def _mean_over_layers(d: dict, suffix: str):
-    vals = [v for k, v in d.items() if k.endswith(suffix) and v is not None and not isinstance(v, list)]
+    """Mean over layers of a scalar diagnostic; a per-head list (a logit scale) counts as its mean."""
+    vals = [statistics.fmean(v) if isinstance(v, list) else v for k, v in d.items()
+            if k.endswith(suffix) and v is not None and v != []]
     return statistics.fmean(vals) if vals else None
 
 
@@ -577,7 +579,8 @@ def report_text(runs: list[dict]) -> str:
               "the fact tokens, mean over slots / best slot; uniform = 2/C):", "",
               "| task | C | N | write | seed | step | acc % | grad linear_q | grad linear_kv | grad in_gate | "
               "grad forget_gate | grad proj | write entropy | fact weight mean / max | read entropy | "
-              "gates in / forget / out |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "logit scale read / write | gates in / forget / out |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5])):
         for r in sorted(groups[key], key=lambda r: r["seed"])[:1]:
             if not r["diagnostics"] or "grad_norm" not in r["diagnostics"][0]:
@@ -602,7 +605,8 @@ def report_text(runs: list[dict]) -> str:
                     f"{100 * acc.get(d['step'], float('nan')):.1f} | {gn('linear_q')} | {gn('linear_kv')} | "
                     f"{gn('linear_in_gate')} | {gn('linear_forget_gate') if gn('linear_gates') == '-' else gn('linear_gates') + ' (both)'} | {gn('linear_proj')} | "
                     f"{val('write_entropy')} | {val('write_fact_mean')} / {val('write_fact_max')} | "
-                    f"{val('read_entropy')} | {val('gate_in', '{:.2f}')} / {val('gate_forget', '{:.2f}')} / "
+                    f"{val('read_entropy')} | {val('read_logit_scale', '{:.1f}')} / {val('write_logit_scale', '{:.1f}')} | "
+                    f"{val('gate_in', '{:.2f}')} / {val('gate_forget', '{:.2f}')} / "
                     f"{val('gate_out', '{:.2f}')} |")
     machines = sorted({r.get("machine", "?") for r in runs})
     commits = sorted({r.get("commit", "?") for r in runs})

@@ -67,6 +67,12 @@ def test_study_write_equals_the_module(write):
     mask = attention_mask(spec.seq_length, spec.chunk)
     a, b = ms._forward(module_model, batch, mask), ms._forward(study_model, batch, mask)
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-12
+    # The diagnostics record the logit scales the module has (qknorm-token: the read's only).
+    diag = ms.memory_diagnostics(study_model, batch, mask)
+    module = _memory_of(module_model)
+    assert {k.split(".", 1)[1] for k in diag if k.endswith("_logit_scale")} == set(module.config.memory_logit_scales)
+    for name in module.config.memory_logit_scales:
+        assert diag[f"layer{module.layer_number}.{name}"] == pytest.approx(getattr(module, name).tolist())
 
 
 def _asked(batch, spec):
@@ -146,6 +152,7 @@ def test_seconds_long_study_run_saves_resumes_and_reports(tmp_path, capsys):
     assert ms.main(["--report", "--results", str(results), "--report-md", str(md),
                     "--plot-prefix", str(tmp_path / "plot")]) == 0
     assert "| one fact | 8 | 8 | qknorm(tau 10/10) |" in md.read_text()
+    assert "| 10.0 / 10.0 |" in md.read_text()  # the diagnostics' logit scales at init, read / write
     assert (tmp_path / "plot_accuracy.png").stat().st_size > 0
 
 
