@@ -29,11 +29,13 @@ def saved_bytes_counter(exclude=()):
     memory): the storages of every tensor saved inside it, counted once each, measured when
     the block ends (so storage a module releases until backward is not counted). Storages of
     `exclude` tensors (parameters) are left out; total[0] is set on exit."""
-    saved, skip, total = {}, {t.untyped_storage().data_ptr() for t in exclude}, [0]
+    # Keyed by the storage itself, not its address: a storage released with resize_(0) frees
+    # its memory, and a later saved tensor may be allocated at the same address.
+    saved, skip, total = {}, {t.untyped_storage()._cdata for t in exclude}, [0]
 
     def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key[0] not in skip:
+        key = t.untyped_storage()._cdata
+        if key not in skip:
             saved.setdefault(key, t)
         return t
 

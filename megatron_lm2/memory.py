@@ -392,7 +392,8 @@ class LM2Memory(MegatronModule):
         recording = self._recording()
 
         query, _ = self.linear_q(hidden_states)  # Eq. 1: Q = E W_Q
-        query = query.view(seq_len, batch, h, dh)
+        # qk-norm: normalised once, for every chunk's read and (attention) write scores.
+        query = self._normalized(query.view(seq_len, batch, h, dh))
         # The write gathers token states per head, in the same columns as this rank's bank.
         # A scatter, not a plain slice: its backward all-gathers, so every rank's gradient of
         # the (replicated) tokens includes the other ranks' columns.
@@ -433,6 +434,7 @@ class LM2Memory(MegatronModule):
                 key, value = self._split_kv(initial_kv)
             else:
                 key, value = self.keys_values(bank)
+            key = self._normalized(key)  # shared by the read and the attention write
             q_chunk = query[start:end]
             read = self._read(q_chunk, key, value)
             reads.append(read)
@@ -532,41 +534,45 @@ class LM2Memory(MegatronModule):
         return kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
 
     # ------------------------------------------------------------------------ attention
-    def score_inputs(self, query: Tensor, key: Tensor, role: str = "read") -> tuple[Tensor, Tensor]:
-        """The (query, key) pair whose scaled dot products are the memory's scores for `role`
-        ("read": soft-maxed over slots; "write": the attention write's, over tokens), both in SDPA
-        layout [B, h, L, d_h]: scores = (q k^T) * self.score_scale.
+    # The scores of a role ("read": soft-maxed over slots; "write": the attention write's, over
+    # tokens) are SDPA's (q k^T) * score_scale of q = _scaled(_normalized(Q), role) and
+    # k = _normalized(K). qknorm: Q and K are divided by their root mean square per head, so
+    # q k^T / d_h is their cosine, and the score is that cosine times the role's learned per-head
+    # scale s_h (the query carries s_h / sqrt(d_h), SDPA's 1/sqrt(d_h) the rest). The scores are
+    # bounded by s_h at any weight norm, and with s_h = 10 at init the softmax over N slots is not
+    # flat (issue 10: the dot-product read starts uniform and its Q gradient falls with N). The
+    # forward normalises each query and each bank's keys once, for the read and the write.
+    def _normalized(self, x: Tensor) -> Tensor:
+        """qk-norm's RMS normalisation per head (queries and slot keys); dot scores: x itself."""
+        return _rms_normalize(x) if self.score_mode == "qknorm" else x
 
-        qknorm: q and k are divided by their root mean square per head, so q k^T / d_h is their
-        cosine, and the score is that cosine times the role's learned per-head scale s_h (the
-        query carries s_h / sqrt(d_h), SDPA's 1/sqrt(d_h) the rest). The scores are bounded by
-        s_h at any weight norm, and with s_h = 10 at init the softmax over N slots is not flat
-        (issue 10: the dot-product read starts uniform and its Q gradient falls with N)."""
+    def _scaled(self, query: Tensor, role: str) -> Tensor:
+        """A normalised query [B, h, L, d_h] carrying the role's per-head logit scale (qk-norm)."""
         if self.score_mode == "dot":
-            return query, key
+            return query
         scale = self.read_logit_scale if role == "read" else self.write_logit_scale
-        scale = scale.to(query.dtype).view(1, -1, 1, 1) * self.score_scale
-        return _rms_normalize(query) * scale, _rms_normalize(key)
+        return query * (scale.to(query.dtype).view(1, -1, 1, 1) * self.score_scale)
 
     def scores(self, query: Tensor, key: Tensor, role: str = "read") -> Tensor:
-        """The scores as an explicit matrix [B, h, c, N] for query [c, B, h, d_h] and key
+        """The scores as an explicit matrix [B, h, c, N] for the raw query [c, B, h, d_h] and key
         [B, N, h, d_h] (eval.inspect replays the memory with them); the forward's SDPA calls
         compute the same without storing it."""
-        q, k = self.score_inputs(query.permute(1, 2, 0, 3), key.transpose(1, 2), role)
+        q = self._scaled(self._normalized(query.permute(1, 2, 0, 3)), role)
+        k = self._normalized(key.transpose(1, 2))
         return torch.einsum("bhce,bhne->bhcn", q, k) * self.score_scale
 
     def _read(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """Eq. 1: E_mem = softmax(Q K^T / sqrt(d_h)) V, no mask (the bank holds only the past).
-        query [c, B, h, d_h]; key, value [B or 1, h, N, d_h]. Returns [c, B, h, d_h]."""
+        query [c, B, h, d_h]; key, value [B or 1, h, N, d_h]; query and key already `_normalized`.
+        Returns [c, B, h, d_h]."""
         c, batch, h, dh = query.shape
         if key.shape[0] == 1 and batch > 1:
             # One bank for the whole batch: the batch's tokens are one long query sequence.
-            q = query.reshape(1, c * batch, h, dh).transpose(1, 2)
-            q, k = self.score_inputs(q, key)
-            out = F.scaled_dot_product_attention(q, k, value, scale=self.score_scale)
+            q = self._scaled(query.reshape(1, c * batch, h, dh).transpose(1, 2), "read")
+            out = F.scaled_dot_product_attention(q, key, value, scale=self.score_scale)
             return out.transpose(1, 2).reshape(c, batch, h, dh)
-        q, k = self.score_inputs(query.permute(1, 2, 0, 3), key)
-        out = F.scaled_dot_product_attention(q, k, value, scale=self.score_scale)
+        q = self._scaled(query.permute(1, 2, 0, 3), "read")
+        out = F.scaled_dot_product_attention(q, key, value, scale=self.score_scale)
         return out.permute(2, 0, 1, 3)
 
     def _write_chunk(
@@ -580,8 +586,8 @@ class LM2Memory(MegatronModule):
             # Slots gather the chunk: the read's scores, soft-maxed over tokens instead of
             # slots, weight the tokens' states (this rank's heads and columns). As attention:
             # the slots' keys are the queries, the tokens' queries the keys.
-            q, k = self.score_inputs(query.permute(1, 2, 0, 3), key, role="write")
-            k = k.expand(batch, -1, -1, -1)
+            q = self._scaled(query.permute(1, 2, 0, 3), "write")  # query, key: `_normalized`
+            k = key.expand(batch, -1, -1, -1)
             content = F.scaled_dot_product_attention(
                 k, q, token_values.permute(1, 2, 0, 3), scale=self.score_scale
             )  # [B, h, N, d_h]

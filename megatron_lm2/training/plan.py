@@ -93,8 +93,11 @@ def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_at
     the reads and the output-gate logits 3u/t (+u all-gathered E_mem when t > 1); the fp32
     log-sum-exps; per written chunk the write content and the gate logits 3bNh/t (+bNh
     gathered); per chunk j >= 1 its keys and values 2bNh/t (+bNh gathered bank); chunk 0's
-    keys and values from the weights, 2Nh/t (one sample). qk-norm scores add, per role, the
-    normalised and the scaled queries and keys. Plus fp32 logits for the loss.
+    keys and values from the weights, 2Nh/t (one sample). qk-norm scores add the normalised
+    queries and keys (once, shared by the read and the write) and each role's scaled queries.
+    Plus fp32 logits for the loss. (PyTorch's CPU SDPA returns the attention write's content as
+    [B, h, N, d_h], so its reshape to the bank's layout is one more copy per written chunk, bNh/t,
+    not counted here: about 1 % at the test's shape.)
     tests/test_activation_memory.py checks this against saved-tensor hooks on CPU (fp32,
     local spec, no fused kernels); `fused_kernels` (default: = flash_attention, the GPU
     setting) selects fused RoPE and SwiGLU."""
@@ -122,12 +125,12 @@ def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_at
         memory += (chunks - 1) * (2 / tp + gathered) * bank
         memory += 2 * n * h * p / tp
         if config.memory_scores == "qknorm":
-            # Per score role, the RMS-normalised query and its scaled copy (the one SDPA keeps),
-            # and the same for the keys of banks 1.. (M_0's are one sample): the read over every
-            # chunk; the attention write over the written chunks.
-            memory += 2 * u / tp + (chunks - 1) * 2 * bank / tp
+            # The RMS-normalised queries (once) and the read's scaled copy (the one SDPA keeps);
+            # the normalised keys of M_0 (one sample) and of banks 1.., shared by both roles; the
+            # attention write's own scaled copy of the written chunks' queries.
+            memory += (2 * u + n * h * p + (chunks - 1) * bank) / tp
             if config.memory_write == "attention":
-                memory += 2 * u / tp * written / chunks + max(written - 1, 0) * 2 * bank / tp
+                memory += u / tp * written / chunks
         total += len(config.memory_layer_numbers) * memory
     total += 4 * s * b * config.vocab_size / tp + 2 * u  # fp32 logits for the loss, final norm
     return total
