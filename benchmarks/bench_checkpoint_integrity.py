@@ -67,8 +67,8 @@ def main() -> None:
           f"date {time.strftime('%Y-%m-%d')}; commit {commit}")
     print("shape: quickstart (debug flavor, seq 256, memory chunk 64, fp32 + Adam state, 1 rank)")
     median = [statistics.median(r[i] for r in rows) for i in range(4)]
-    print(f"| checkpoint size | save, total (s) | sha256 pass in it (s) | verify on load (s) | sha256 share |")
-    print(f"|---|---|---|---|---|")
+    print("| checkpoint size | save, total (s) | sha256 pass in it (s) | verify on load (s) | sha256 share |")
+    print("|---|---|---|---|---|")
     print(f"| {median[3] / 2**20:.1f} MiB | {median[0]:.3f} | {median[1]:.3f} | {median[2]:.3f} | "
           f"{100 * median[1] / median[0]:.0f}% |")
     print(f"(median of {len(rows)} saves)")

@@ -14,7 +14,7 @@ import torch
 from megatron_lm2.eval.answers import TASK_LABELS, TASKS, first_sentence, is_correct
 from megatron_lm2.eval.babilong import BabilongResults, Cell, run_babilong
 from megatron_lm2.eval.babilong_data import DataError, load_split
-from megatron_lm2.eval.babilong_gen import PLACES, generate_sample, parse_length, write_dataset
+from megatron_lm2.eval.babilong_gen import generate_sample, parse_length, write_dataset
 from megatron_lm2.eval.mqar import MQARSpec, mqar_batch
 from megatron_lm2.eval.prompts import build_prompt
 

@@ -158,7 +158,7 @@ def test_permissions_follow_the_umask_like_open(tmp_path, unique):
     old = os.umask(0o027)
     try:
         write_text_atomic(tmp_path / "a", "x", unique=unique)
-        with atomic_path(tmp_path / "b", unique=unique) as tmp:
+        with atomic_path(tmp_path / "b", unique=unique):
             pass
         open(tmp_path / "c", "w").close()
         write_text_atomic(tmp_path / "d", "x", unique=unique, permissions=0o600)

@@ -168,7 +168,7 @@ def test_gate_statistics_only_when_asked():
     chunk = tokens[:8]
     q = chunk @ leaves["q"].T
     bank = leaves["initial"]
-    k, v = bank @ leaves["k"].T, bank @ leaves["v"].T
+    k = bank @ leaves["k"].T
     g_in = []
     for b in range(2):
         content = torch.zeros_like(bank)

@@ -332,7 +332,7 @@ def test_collect_joins_runs_with_their_metrics(tmp_path, capsys):
 
     assert main(["collect", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert f"val_loss_by_chunk missing in 1 of 2 runs" in out
+    assert "val_loss_by_chunk missing in 1 of 2 runs" in out
     rows = {r["run_id"]: r for r in read_table(str(tmp_path / "out" / "results.csv"))}
     assert len(rows) == len(plan.runs)
     row = rows[lm2.id]
