@@ -59,6 +59,8 @@ from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, with
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
 WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token", "module")
 RESULTS = "benchmarks/memory_scaling.jsonl"
+DEFAULT_LR = 3e-3
+DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
 
 
 def parse_args(argv=None):
@@ -75,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--adam-eps", type=float, default=1e-8,
                    help="AdamW eps (the plateau's linear_q gradients are ~1e-9 per weight, below 1e-8)")
@@ -466,7 +468,6 @@ def _forward_loss(model, batch: TaskBatch, mask):
 # ------------------------------------------------------------------------------ results
 CONFIG_KEYS = ("task", "chunk", "slots", "pairs", "hops", "model", "write", "tau_read", "tau_write",
                "steps", "batch_size", "lr")
-DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
 
 
 def run_key(run: dict) -> tuple:
@@ -506,8 +507,11 @@ from megatron_lm2.provenance import git_commit as _commit  # noqa: E402
 
 # ------------------------------------------------------------------------------ report
 def _label(r: dict) -> str:
+    """The write and every optimizer setting that differs from the study's defaults (runs that
+    differ only by seed share a label, and so a row of the table and a curve colour)."""
     eps = r.get("adam_eps", DEFAULT_EPS)
-    return _base_label(r) + (f", adam eps {eps:g}" if eps != DEFAULT_EPS else "") + \
+    return _base_label(r) + (f", lr {r['lr']:g}" if r.get("lr", DEFAULT_LR) != DEFAULT_LR else "") + \
+        (f", adam eps {eps:g}" if eps != DEFAULT_EPS else "") + \
         (f" (partial, step {r['partial_at']})" if "partial_at" in r else "")
 
 

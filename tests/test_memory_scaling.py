@@ -261,3 +261,16 @@ def test_loss_spikes_are_steps_far_above_the_recent_median():
                                 steps_to_50=None, steps_to_90=None, chance=1 / 16, diagnostics=[],
                                 seconds=1.0, train_seconds=1.0, eval_seconds=0.0, losses=spiky)]).splitlines()[2]
     assert "| 2 | 6.2 |" in line  # the spikes column, then chance
+
+
+def test_report_keeps_runs_of_another_learning_rate_apart():
+    run = dict(task="fact", chunk=8, slots=8, pairs=1, hops=1, model="lm2", write="token", seed=0, steps=2,
+               batch_size=4, lr=ms.DEFAULT_LR, curve=[(0, 0.1), (2, 0.95)], final_accuracy=0.95,
+               best_accuracy=0.95, steps_to_50=2, steps_to_90=2, chance=1 / 16, diagnostics=[],
+               seconds=1.0, train_seconds=1.0, eval_seconds=0.0)
+    slow = dict(run, lr=1e-3, curve=[(0, 0.1), (2, 0.3)], final_accuracy=0.3, best_accuracy=0.3,
+                steps_to_50=None, steps_to_90=None)
+    rows = [line for line in ms.report_text([run, slow]).splitlines() if line.startswith("| one fact | 8 | 8 |")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| one fact | 8 | 8 | token | 1 (0) | 95.0") and "| 2 (2) | 2 (2) |" in rows[0]
+    assert rows[1].startswith("| one fact | 8 | 8 | token, lr 0.001 | 1 (0) | 30.0") and "| >2 (>2) |" in rows[1]
