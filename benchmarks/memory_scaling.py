@@ -61,6 +61,7 @@ WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "q
 RESULTS = "benchmarks/memory_scaling.jsonl"
 DEFAULT_LR = 3e-3
 DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
+DEFAULT_FORGET_BIAS = 0.0  # the paper's gates have no bias; runs recorded before --forget-bias had none
 
 
 def parse_args(argv=None):
@@ -79,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--forget-bias", type=float, default=DEFAULT_FORGET_BIAS,
+                   help="a constant added to the forget gate's logits: g_forget = sigmoid(E W_f + b) "
+                        "(3: the gate starts at 0.95, so a fact written once outlasts the chunks after it)")
     p.add_argument("--adam-eps", type=float, default=1e-8,
                    help="AdamW eps (the plateau's linear_q gradients are ~1e-9 per weight, below 1e-8)")
     p.add_argument("--eval-every", type=int, default=50)
@@ -180,10 +184,11 @@ def study_forward(self, hidden_states, **unused):
                 w = torch.softmax(write_logits, dim=-1)
                 content = torch.einsum("bhnc,cbhe->bnhe", w, values[start:end]).reshape(batch, n, d)
             if hasattr(self, "linear_gates"):  # both gates in one GEMM: rows [input; forget]
-                g_in, g_forget = torch.sigmoid(self.linear_gates(content)[0]).chunk(2, dim=-1)
+                in_logits, forget_logits = self.linear_gates(content)[0].chunk(2, dim=-1)
             else:
-                g_in = torch.sigmoid(self.linear_in_gate(content)[0])
-                g_forget = torch.sigmoid(self.linear_forget_gate(content)[0])
+                in_logits, forget_logits = self.linear_in_gate(content)[0], self.linear_forget_gate(content)[0]
+            g_in = torch.sigmoid(in_logits)
+            g_forget = torch.sigmoid(forget_logits + self.config.memory_forget_bias)
             bank = g_in * torch.tanh(content) + g_forget * bank
             if collect:
                 diag["write_entropy"].append(float(_entropy(w).mean() / math.log(end - start)))
@@ -240,7 +245,8 @@ def build(cfg_args: dict, seed: int):
     config = get_flavor(flavor, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
                         attention_window=spec.chunk, memory_chunk_size=spec.chunk,
                         memory_slots=cfg_args["slots"], memory_write=memory_write,
-                        memory_scores=cfg_args.get("memory_scores") or "dot")
+                        memory_scores=cfg_args.get("memory_scores") or "dot",
+                        memory_forget_bias=cfg_args.get("forget_bias", DEFAULT_FORGET_BIAS))
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_model(config)
@@ -450,7 +456,8 @@ def checkpoint_path(args, cfg: dict):
     key = json.dumps([cfg.get(k) for k in CONFIG_KEYS] + [cfg["seed"]])
     name = f"{cfg['task']}_C{cfg['chunk']}_N{cfg['slots']}_{cfg['write']}_s{cfg['seed']}_" + \
         hashlib.sha1(key.encode()).hexdigest()[:10] + \
-        (f"_eps{cfg['adam_eps']:g}" if cfg.get("adam_eps", DEFAULT_EPS) != DEFAULT_EPS else "") + ".pt"
+        (f"_eps{cfg['adam_eps']:g}" if cfg.get("adam_eps", DEFAULT_EPS) != DEFAULT_EPS else "") + \
+        (f"_fb{cfg['forget_bias']:g}" if cfg.get("forget_bias", DEFAULT_FORGET_BIAS) != DEFAULT_FORGET_BIAS else "") + ".pt"
     return os.path.join(args.ckpt_dir, name)
 
 
@@ -471,7 +478,8 @@ CONFIG_KEYS = ("task", "chunk", "slots", "pairs", "hops", "model", "write", "tau
 
 
 def run_key(run: dict) -> tuple:
-    return tuple(run.get(k) for k in CONFIG_KEYS) + (run["seed"], run.get("adam_eps", DEFAULT_EPS))
+    return tuple(run.get(k) for k in CONFIG_KEYS) + (
+        run["seed"], run.get("adam_eps", DEFAULT_EPS), run.get("forget_bias", DEFAULT_FORGET_BIAS))
 
 
 def load_runs(path: str) -> list[dict]:
@@ -510,7 +518,9 @@ def _label(r: dict) -> str:
     """The write and every optimizer setting that differs from the study's defaults (runs that
     differ only by seed share a label, and so a row of the table and a curve colour)."""
     eps = r.get("adam_eps", DEFAULT_EPS)
-    return _base_label(r) + (f", lr {r['lr']:g}" if r.get("lr", DEFAULT_LR) != DEFAULT_LR else "") + \
+    fb = r.get("forget_bias", DEFAULT_FORGET_BIAS)
+    return _base_label(r) + (f", forget bias {fb:+g}" if fb != DEFAULT_FORGET_BIAS else "") + \
+        (f", lr {r['lr']:g}" if r.get("lr", DEFAULT_LR) != DEFAULT_LR else "") + \
         (f", adam eps {eps:g}" if eps != DEFAULT_EPS else "") + \
         (f" (partial, step {r['partial_at']})" if "partial_at" in r else "")
 
@@ -801,7 +811,8 @@ def configs_of(args):
                     pairs=args.pairs if args.task == "mqar" else 1,
                     hops=args.hops if args.task == "persist" else 1, model=model_kind,
                     write=write, **logit_scales(write, args),
-                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps)
+                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps,
+                    forget_bias=args.forget_bias)
         for seed in (int(s) for s in args.seeds.split(",")):
             yield base, seed
 

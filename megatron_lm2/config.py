@@ -105,6 +105,11 @@ class LM2Config(TransformerConfig):
                               choices=MEMORY_SCORE_MODES, hf=True, optional_in_record=True)
     memory_logit_scale: float = knob(10.0, "qknorm: initial per-head logit scale of the memory's scores",
                                      positive=True, hf=True, optional_in_record=True)
+    # A prior on retention: the paper's gates have no bias, so g_forget starts at 0.5 and a fact
+    # written once fades by half per chunk (issue 10's persistence task: chance across 4 chunks).
+    memory_forget_bias: float = knob(0.0, "constant added to the memory forget gate's logits, "
+                                     "g_forget = sigmoid(x W_f + b) (0 = the paper's; 3 starts it at 0.95)",
+                                     hf=True, optional_in_record=True)
     # None = every layer, () = none (the vanilla twin).
     memory_layers: Optional[Tuple[int, ...]] = knob(
         None, "1-based block numbers that carry a memory bank (default: every block; for none, use "

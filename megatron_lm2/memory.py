@@ -617,9 +617,13 @@ class LM2Memory(MegatronModule):
         logits, _ = self.linear_gates(gather_from_tensor_model_parallel_region(content))
         return self._update(logits, content, bank)
 
-    @staticmethod
-    def _update(logits: Tensor, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, tuple]:
-        return _WriteUpdate.apply(logits, content, bank), logits, (logits, content, bank)  # Eq. 4-6
+    def _update(self, logits: Tensor, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, tuple]:
+        """Eq. 4-6 from the gates' logits [B, N, 2 d/tp] (this rank's [input; forget] columns)."""
+        bias = self.config.memory_forget_bias
+        if bias:  # the forget gate's prior; the returned logits are the gates' own (stats, inspector)
+            half = logits.shape[-1] // 2
+            logits = torch.cat((logits[..., :half], logits[..., half:] + bias), dim=-1)
+        return _WriteUpdate.apply(logits, content, bank), logits, (logits, content, bank)
 
     def _write(self, bank: Tensor, scores: Tensor, token_values: Tensor, tokens: Tensor, read: Tensor):
         """The write from an explicit write-score matrix [B, h, c, N] (`scores(..., "write")`;

@@ -18,6 +18,7 @@ def memory_reference(
     initial_banks: torch.Tensor | None = None,  # [B, N, d] to continue from, else `initial`
     qk_norm: bool = False,
     norm_eps: float = 1e-6,
+    forget_bias: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (memory branch output [T, B, d], bank after the last chunk [B, N, d]).
 
@@ -27,7 +28,9 @@ def memory_reference(
     write. Without it, one score Q K^T / sqrt(d_h) serves both.
 
     weights["write_salience"] ([heads, d], optional): the write's logit of token t for every slot
-    of head h gains e_t . write_salience[h]."""
+    of head h gains e_t . write_salience[h].
+
+    forget_bias: a constant added to every forget-gate logit, g_forget = sigmoid(x W_f^T + b)."""
     seq, batch, d = tokens.shape
     head_dim = d // heads
     sigmoid = torch.sigmoid
@@ -64,15 +67,15 @@ def memory_reference(
             read_all[start : start + chunk] = read
             if write == "attention":
                 g_in = sigmoid(content @ weights["in_gate"].T)  # Eq. 4
-                g_forget = sigmoid(content @ weights["forget_gate"].T)  # Eq. 5
+                g_forget = sigmoid(content @ weights["forget_gate"].T + forget_bias)  # Eq. 5
                 bank = g_in * torch.tanh(content) + g_forget * bank  # Eq. 6
             elif write == "token":  # slot i <- token i; both gates read the token
                 g_in = sigmoid(e @ weights["in_gate"].T)
-                g_forget = sigmoid(e @ weights["forget_gate"].T)
+                g_forget = sigmoid(e @ weights["forget_gate"].T + forget_bias)
                 bank = g_in * torch.tanh(e) + g_forget * bank
             else:  # aligned: slot i <- token i
                 g_in = sigmoid(e @ weights["in_gate"].T)
-                g_forget = sigmoid(read @ weights["forget_gate"].T)
+                g_forget = sigmoid(read @ weights["forget_gate"].T + forget_bias)
                 bank = g_in * torch.tanh(read) + g_forget * bank
         g_out = sigmoid(read_all @ weights["out_gate"].T)  # Eq. 2
         out[:, b] = (g_out * read_all) @ weights["proj"].T  # Eq. 3 + output projection

@@ -52,6 +52,16 @@ def test_activation_estimate_within_15_percent(overrides):
     assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
 
 
+@pytest.mark.parametrize("write, slots", [("attention", 256), ("token", 128)])
+def test_forget_bias_saves_nothing_more(write, slots):
+    """The forget gate's constant replaces the logits the write update saves; it adds none
+    (4 written chunks), so activation_bytes needs no term for it."""
+    shape = dict(SHAPE, num_layers=3, memory_layers=(2,), seq_length=512, memory_chunk_size=128,
+                 memory_write=write, memory_slots=slots)
+    plain = measured_bytes(get_flavor("debug", **shape), 2)
+    assert measured_bytes(get_flavor("debug", **shape, memory_forget_bias=3.0), 2) == plain
+
+
 def test_memory_module_saves_at_most_half_of_the_old_path():
     """At the CPU shape of issue 11 (T=2048, d=512, N=C=1024, 2 heads, fp32): <= 32 MiB,
     against 64 MiB for the explicit-score path it replaced (benchmarks/memory_baseline.py)."""

@@ -33,6 +33,8 @@ VARIANTS = {
     "learned": dict(flavor="debug", memory_init="learned", memory_layers=(2, 3)),
     "qknorm": dict(flavor="debug", memory_scores="qknorm"),
     "qknorm-token": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm"),
+    "forget-bias": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm",
+                        memory_forget_bias=3.0),
 }
 PP_VARIANTS = ("debug", "vanilla")
 
@@ -228,7 +230,7 @@ def test_hf_logits_equal_megatron(checkpoints, converted, ckpt):
         assert (ablated - reference).abs().max().item() > 100 * TOL
 
 
-@pytest.mark.parametrize("name", ["debug", "aligned", "token", "learned", "qknorm", "qknorm-token"])
+@pytest.mark.parametrize("name", ["debug", "aligned", "token", "learned", "qknorm", "qknorm-token", "forget-bias"])
 def test_memory_banks_evolve_the_same_chunk_by_chunk(checkpoints, converted, name):
     _, references = checkpoints
     _, folders = converted

@@ -52,6 +52,30 @@ def test_module_equals_float64_reference(write, init, scores):
         assert _rel_err(dot, ref_out) > 1e-2
 
 
+@pytest.mark.parametrize("write", ["attention", "token", "aligned"])
+def test_forget_bias_equals_float64_reference(write):
+    """memory_forget_bias shifts every forget-gate logit by a constant, in every write mode."""
+    slots = 12 if write == "attention" else 8
+    cfg, module = _memory(memory_write=write, memory_slots=slots, memory_forget_bias=2.5)
+    module.record_gates = True
+    tokens = torch.randn(40, 3, 64, dtype=torch.float64)
+    with carry_memory(module):
+        out, _ = module(tokens)
+        bank = memory_banks(module)[1]
+    w = weights_of(module, cfg.memory_heads)
+    ref_out, ref_bank = memory_reference(tokens, w, cfg.memory_heads, cfg.memory_chunk_size, write,
+                                         forget_bias=2.5)
+    assert _rel_err(out, ref_out) < 1e-10
+    assert _rel_err(bank, ref_bank) < 1e-10
+    unbiased_out, unbiased_bank = memory_reference(tokens, w, cfg.memory_heads, cfg.memory_chunk_size, write)
+    assert _rel_err(unbiased_bank, ref_bank) > 1e-2 and _rel_err(unbiased_out, ref_out) > 1e-3
+    # The recorded gate means are the biased gates' (the step log's memory-gate stats).
+    biased = float(module.gate_stats["forget"])
+    module.config.memory_forget_bias = 0.0  # the same weights, the paper's gate
+    module(tokens)
+    assert biased > float(module.gate_stats["forget"]) + 0.2
+
+
 def test_ragged_last_chunk_and_carried_bank_match_reference():
     cfg, module = _memory()
     first = torch.randn(40, 2, 64, dtype=torch.float64)

@@ -47,16 +47,19 @@ def test_study_forward_equals_float64_reference(write):
     assert ref.abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("write", ["attention", "token", "qknorm", "qknorm-token"])
-def test_study_write_equals_the_module(write):
+@pytest.mark.parametrize("write, forget_bias", [("attention", 0.0), ("token", 0.0), ("qknorm", 0.0),
+                                                 ("qknorm-token", 0.0), ("attention", 2.5), ("qknorm-token", 2.5)])
+def test_study_write_equals_the_module(write, forget_bias):
     """Each study mode the module has is the module's own computation (qknorm: memory_scores
-    'qknorm', the same parameter names), so the study's numbers are the module's."""
+    'qknorm', the same parameter names; --forget-bias: memory_forget_bias), so the study's numbers
+    are the module's."""
     token = write.endswith("token")
     slots = 8 if token else 6
     knobs = dict(memory_write="token" if token else "attention",
                  memory_scores="qknorm" if write.startswith("qknorm") else "dot")
-    module_model, spec = ms.build(_cfg(write="module", slots=slots, **knobs), 0)
-    study_model, _ = ms.build(_cfg(write=write, slots=slots), 0)
+    module_model, spec = ms.build(_cfg(write="module", slots=slots, forget_bias=forget_bias, **knobs), 0)
+    study_model, _ = ms.build(_cfg(write=write, slots=slots, forget_bias=forget_bias), 0)
+    assert _memory_of(study_model).config.memory_forget_bias == forget_bias
     for m in (module_model, study_model):
         m.double()
     with torch.no_grad():
@@ -274,3 +277,8 @@ def test_report_keeps_runs_of_another_learning_rate_apart():
     assert len(rows) == 2
     assert rows[0].startswith("| one fact | 8 | 8 | token | 1 (0) | 95.0") and "| 2 (2) | 2 (2) |" in rows[0]
     assert rows[1].startswith("| one fact | 8 | 8 | token, lr 0.001 | 1 (0) | 30.0") and "| >2 (>2) |" in rows[1]
+    # A forget-gate bias is a config of its own too; records from before the flag have none.
+    biased = dict(slow, forget_bias=3.0)
+    rows = [line for line in ms.report_text([run, slow, biased]).splitlines() if line.startswith("| one fact | 8 | 8 |")]
+    assert [r.split(" | ")[3] for r in rows] == ["token", "token, forget bias +3, lr 0.001", "token, lr 0.001"]
+    assert ms.run_key(biased) != ms.run_key(slow) and ms.run_key(slow) == ms.run_key(dict(slow, forget_bias=0.0))

@@ -60,7 +60,7 @@ def test_hf_side_fields_come_from_the_declaration():
     assert ARCH_FIELDS == tuple(knob.name for knob in MODEL_FIELDS)
     assert HF_FIELDS == tuple(knob.name for knob in MODEL_FIELDS if knob.hf)
     config = get_flavor("debug", memory_layers=(2, 4), memory_init="learned", attention_window=128,
-                        memory_scores="qknorm", memory_logit_scale=7.5)
+                        memory_scores="qknorm", memory_logit_scale=7.5, memory_forget_bias=2.0)
     hf = to_hf_config(config)
     for name in HF_FIELDS:
         if name != "memory_layers":
@@ -169,7 +169,7 @@ def test_record_holds_every_declared_field_and_round_trips():
     from megatron_lm2.convert.megatron_config import config_from_dict, config_to_dict
 
     config = get_flavor("lm2-1.7b-mem6", memory_init="learned", attention_window=1024, memory_bptt_chunks=2,
-                        memory_scores="qknorm", memory_logit_scale=5.0,
+                        memory_scores="qknorm", memory_logit_scale=5.0, memory_forget_bias=-1.5,
                         params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, tie_embeddings=True,
                         rotary_base=500000, vocab_size=50304)
     record = json.loads(json.dumps(config_to_dict(config)))  # JSON-serialisable

@@ -71,6 +71,7 @@ class MemorySection:
     write: str = field(default="attention", metadata=_choice(MEMORY_WRITE_MODES))
     init: str = field(default="identity", metadata=_choice(MEMORY_INIT_MODES))
     scores: str = field(default="dot", metadata=_choice(MEMORY_SCORE_MODES))
+    forget_bias: float = 0.0  # memory_forget_bias: the forget gate's constant logit offset
 
 
 @dataclass(kw_only=True)

@@ -27,6 +27,7 @@ class LM2Config(PretrainedConfig):
     memory_scores: 'dot' = Q K^T / sqrt(d_h); 'qknorm' = the cosine of RMS-normalised queries
         and slot keys times a learned per-head scale (read_logit_scale, and write_logit_scale
         for the attention write), initialised to memory_logit_scale.
+    memory_forget_bias: a constant added to the forget gate's logits (0 = the paper's gate).
     prefill_piece_size: with a cache, a prompt longer than this is consumed in pieces of this
         many tokens (streaming prefill); None = memory_chunk_size. (Not named
         prefill_chunk_size: generate() would take that for its own chunked prefill.)
@@ -61,6 +62,7 @@ class LM2Config(PretrainedConfig):
         prefill_piece_size=None,
         memory_scores="dot",
         memory_logit_scale=10.0,
+        memory_forget_bias=0.0,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
@@ -86,6 +88,7 @@ class LM2Config(PretrainedConfig):
         self.memory_init = memory_init
         self.memory_scores = memory_scores
         self.memory_logit_scale = float(memory_logit_scale)
+        self.memory_forget_bias = float(memory_forget_bias)
         self.memory_layers = None if memory_layers is None else sorted(int(n) for n in memory_layers)
         self.attention_window = attention_window
         self.prefill_piece_size = prefill_piece_size

@@ -20,6 +20,7 @@ bank is written from its C tokens:
                         M <- sigmoid(E W_in) * tanh(E) + sigmoid(E W_forget) * M
            'aligned'  : slot i <- token i (N = C)
                         M <- sigmoid(E W_in) * tanh(E_mem) + sigmoid(E_mem W_forget) * M
+           every forget gate's logits plus the constant b = `memory_forget_bias` (0 by default)
 
 Self-attention is causal; with `attention_window` W it is causal inside segments of W tokens and
 blocked across segments, so the KV cache never holds more than W tokens.
@@ -261,6 +262,7 @@ class LM2MemoryBlock(nn.Module):
             self.initial_bank = None
         self.qk_norm = config.memory_scores == "qknorm"
         self.logit_scale_init = config.memory_logit_scale
+        self.forget_bias = float(getattr(config, "memory_forget_bias", 0.0))  # configs exported before it: 0
         if self.qk_norm:
             self.read_logit_scale = nn.Parameter(torch.full((self.num_heads,), self.logit_scale_init))
             if self.write_mode == "attention":
@@ -298,15 +300,15 @@ class LM2MemoryBlock(nn.Module):
             content = torch.einsum("bhnc,bchd->bnhd", attn, per_head)
             content = content.reshape(batch, self.num_slots, self.hidden_size)
             g_in = torch.sigmoid(self.in_gate(content))
-            g_forget = torch.sigmoid(self.forget_gate(content))
+            g_forget = torch.sigmoid(self.forget_gate(content) + self.forget_bias)
         elif self.write_mode == "token":  # slot i <- token i, both gates from the token
             content = tokens
             g_in = torch.sigmoid(self.in_gate(tokens))
-            g_forget = torch.sigmoid(self.forget_gate(tokens))
+            g_forget = torch.sigmoid(self.forget_gate(tokens) + self.forget_bias)
         else:  # aligned
             content = reads
             g_in = torch.sigmoid(self.in_gate(tokens))
-            g_forget = torch.sigmoid(self.forget_gate(reads))
+            g_forget = torch.sigmoid(self.forget_gate(reads) + self.forget_bias)
         return g_in * torch.tanh(content) + g_forget * bank
 
     def forward(self, tokens, state):
