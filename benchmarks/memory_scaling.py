@@ -62,6 +62,8 @@ RESULTS = "benchmarks/memory_scaling.jsonl"
 DEFAULT_LR = 3e-3
 DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
 DEFAULT_FORGET_BIAS = 0.0  # the paper's gates have no bias; runs recorded before --forget-bias had none
+# Config keys added after runs were recorded: (key, what a record without it used, checkpoint-name tag).
+LATER_KEYS = (("adam_eps", DEFAULT_EPS, "eps"), ("forget_bias", DEFAULT_FORGET_BIAS, "fb"))
 
 
 def parse_args(argv=None):
@@ -456,8 +458,7 @@ def checkpoint_path(args, cfg: dict):
     key = json.dumps([cfg.get(k) for k in CONFIG_KEYS] + [cfg["seed"]])
     name = f"{cfg['task']}_C{cfg['chunk']}_N{cfg['slots']}_{cfg['write']}_s{cfg['seed']}_" + \
         hashlib.sha1(key.encode()).hexdigest()[:10] + \
-        (f"_eps{cfg['adam_eps']:g}" if cfg.get("adam_eps", DEFAULT_EPS) != DEFAULT_EPS else "") + \
-        (f"_fb{cfg['forget_bias']:g}" if cfg.get("forget_bias", DEFAULT_FORGET_BIAS) != DEFAULT_FORGET_BIAS else "") + ".pt"
+        "".join(f"_{tag}{cfg[k]:g}" for k, default, tag in LATER_KEYS if cfg.get(k, default) != default) + ".pt"
     return os.path.join(args.ckpt_dir, name)
 
 
@@ -478,8 +479,8 @@ CONFIG_KEYS = ("task", "chunk", "slots", "pairs", "hops", "model", "write", "tau
 
 
 def run_key(run: dict) -> tuple:
-    return tuple(run.get(k) for k in CONFIG_KEYS) + (
-        run["seed"], run.get("adam_eps", DEFAULT_EPS), run.get("forget_bias", DEFAULT_FORGET_BIAS))
+    return tuple(run.get(k) for k in CONFIG_KEYS) + (run["seed"],) + \
+        tuple(run.get(k, default) for k, default, _ in LATER_KEYS)
 
 
 def load_runs(path: str) -> list[dict]:
