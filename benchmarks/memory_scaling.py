@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout (a GPU box)
 from megatron_lm2.fileio import atomic_path, write_text_atomic  # noqa: E402
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, without_facts  # noqa: E402
+from megatron_lm2.config import MEMORY_INIT_MODES  # noqa: E402
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
 WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token", "module")
@@ -62,8 +63,11 @@ RESULTS = "benchmarks/memory_scaling.jsonl"
 DEFAULT_LR = 3e-3
 DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
 DEFAULT_FORGET_BIAS = 0.0  # the paper's gates have no bias; runs recorded before --forget-bias had none
+DEFAULT_SHIFT = 0  # the write's tokens alone; runs recorded before --shift had no shift
+DEFAULT_INIT = "identity"  # M_0; runs recorded before --init had the paper's identity
 # Config keys added after runs were recorded: (key, what a record without it used, checkpoint-name tag).
-LATER_KEYS = (("adam_eps", DEFAULT_EPS, "eps"), ("forget_bias", DEFAULT_FORGET_BIAS, "fb"))
+LATER_KEYS = (("adam_eps", DEFAULT_EPS, "eps"), ("forget_bias", DEFAULT_FORGET_BIAS, "fb"),
+              ("shift", DEFAULT_SHIFT, "sh"), ("init", DEFAULT_INIT, "m0"))
 
 
 def parse_args(argv=None):
@@ -85,6 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--forget-bias", type=float, default=DEFAULT_FORGET_BIAS,
                    help="a constant added to the forget gate's logits: g_forget = sigmoid(E W_f + b) "
                         "(3: the gate starts at 0.95, so a fact written once outlasts the chunks after it)")
+    p.add_argument("--shift", type=int, default=DEFAULT_SHIFT,
+                   help="the write's token i is E_i + E_(i-1) + ... + E_(i-shift) (within the chunk), so a slot "
+                        "holds a token with the tokens before it: a key next to its value")
+    p.add_argument("--init", default=DEFAULT_INIT, choices=MEMORY_INIT_MODES,
+                   help="memory_init: M_0 (identity-signs: slots past d start as distinct sign vectors, not zeros)")
     p.add_argument("--adam-eps", type=float, default=1e-8,
                    help="AdamW eps (the plateau's linear_q gradients are ~1e-9 per weight, below 1e-8)")
     p.add_argument("--eval-every", type=int, default=50)
@@ -141,13 +150,26 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
+def shifted_tokens(x: torch.Tensor, chunk: int, shift: int) -> torch.Tensor:
+    """x [T, B, d] -> y_t = x_t + x_(t-1) + ... + x_(t-shift), terms from an earlier chunk left out."""
+    if not shift:
+        return x
+    t, b, d = x.shape
+    c = x.view(t // chunk, chunk, b, d)
+    y = c.clone()
+    for k in range(1, shift + 1):
+        y[:, k:] += c[:, :-k]
+    return y.view(t, b, d)
+
+
 def study_forward(self, hidden_states, **unused):
     """LM2Memory.forward for one TP rank of size 1, no carried state, with the write selected by
     self.study_write and diagnostics collected into self.study_diag when self.study_collect."""
     seq, batch, d = hidden_states.shape
     h, dh, n, c = self.num_heads, self.head_dim, self.num_slots, self.chunk_size
     query = self.linear_q(hidden_states)[0].view(seq, batch, h, dh)
-    values = hidden_states.view(seq, batch, h, dh)
+    written = shifted_tokens(hidden_states, c, getattr(self, "study_shift", 0))
+    values = written.view(seq, batch, h, dh)
     bank = self.initial_bank.to(hidden_states.dtype).unsqueeze(0).expand(batch, -1, -1)
     collect = getattr(self, "study_collect", False)
     diag = {"write_entropy": [], "write_fact_mean": [], "write_fact_max": [], "read_entropy": [],
@@ -181,7 +203,7 @@ def study_forward(self, hidden_states, **unused):
                 if n != end - start:
                     raise ValueError(f"write 'token' needs slots = chunk, got N={n}, C={end - start}")
                 w = torch.eye(n, dtype=hidden_states.dtype, device=hidden_states.device).expand(batch, h, n, n)
-                content = hidden_states[start:end].transpose(0, 1)
+                content = written[start:end].transpose(0, 1)
             else:
                 w = torch.softmax(write_logits, dim=-1)
                 content = torch.einsum("bhnc,cbhe->bnhe", w, values[start:end]).reshape(batch, n, d)
@@ -215,7 +237,7 @@ def memory_modules(model):
     return [m for m in model.modules() if isinstance(m, LM2Memory)]
 
 
-def install_write(model, write: str, tau_read: float = 10.0, tau_write: float = 10.0) -> None:
+def install_write(model, write: str, tau_read: float = 10.0, tau_write: float = 10.0, shift: int = 0) -> None:
     """Route every memory module of `model` through study_forward with write mode `write`."""
     if write == "module":
         return
@@ -223,6 +245,7 @@ def install_write(model, write: str, tau_read: float = 10.0, tau_write: float = 
         if m.tp_rank != 0 or m.local_hidden != m.config.hidden_size:
             raise ValueError("the study forward is for tensor-parallel size 1")
         m.study_write = write
+        m.study_shift = shift
         if write.endswith("salience"):
             m.write_salience = torch.nn.Parameter(torch.zeros(m.num_heads, m.config.hidden_size))
         if write.startswith("qknorm"):
@@ -248,12 +271,14 @@ def build(cfg_args: dict, seed: int):
                         attention_window=spec.chunk, memory_chunk_size=spec.chunk,
                         memory_slots=cfg_args["slots"], memory_write=memory_write,
                         memory_scores=cfg_args.get("memory_scores") or "dot",
-                        memory_forget_bias=cfg_args.get("forget_bias", DEFAULT_FORGET_BIAS))
+                        memory_forget_bias=cfg_args.get("forget_bias", DEFAULT_FORGET_BIAS),
+                        memory_init=cfg_args.get("init", DEFAULT_INIT))
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_model(config)
     if config.has_memory:
-        install_write(model, cfg_args["write"], cfg_args["tau_read"], cfg_args["tau_write"])
+        install_write(model, cfg_args["write"], cfg_args["tau_read"], cfg_args["tau_write"],
+                      cfg_args.get("shift", DEFAULT_SHIFT))
     return model, spec
 
 
@@ -279,17 +304,31 @@ def _forward(model, batch: TaskBatch, mask):
 
 @torch.no_grad()
 def accuracy(model, batch: TaskBatch, mask, micro: int = 64) -> float:
+    return answer_hits(model, batch, mask, micro).float().mean().item()
+
+
+def answer_hits(model, batch: TaskBatch, mask, micro: int = 64) -> torch.Tensor:
+    """[B, S] bool: at each answer position, whether the argmax is the label (False elsewhere)."""
     model.eval()
-    hits, total = 0, 0
+    hits = []
     for s in range(0, batch.tokens.shape[0], micro):
         part = TaskBatch(*(t[s : s + micro] for t in (batch.tokens, batch.labels, batch.loss_mask, batch.fact_mask)))
         part = _on(part, _device(model))
         logits = _forward(model, part, mask)
-        sel = part.loss_mask.bool()
-        hits += int((logits.argmax(-1)[sel] == part.labels[sel]).sum())
-        total += int(sel.sum())
+        hits.append(((logits.argmax(-1) == part.labels) & part.loss_mask.bool()).cpu())
     model.train()
-    return hits / total
+    return torch.cat(hits)[batch.loss_mask.bool()]
+
+
+def accuracy_by_fact_position(hits: torch.Tensor, batch: TaskBatch, chunk: int, parts: int = 4) -> list:
+    """Held-out accuracy of one-answer tasks by where the fact's last token sits in chunk 0, in
+    `parts` equal ranges of the chunk (with the identity M_0 and N > d, slots past d start alike)."""
+    if batch.loss_mask.sum(1).max() != 1 or not batch.fact_mask.any(1).all():
+        return []
+    where = torch.arange(batch.fact_mask.shape[1]).expand_as(batch.fact_mask)
+    last = torch.where(batch.fact_mask, where, -1).amax(1)
+    part = (last * parts // chunk).clamp(max=parts - 1)
+    return [round(hits[part == p].float().mean().item(), 4) if (part == p).any() else None for p in range(parts)]
 
 
 def grad_norms(model) -> dict:
@@ -414,8 +453,12 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
         batch = _on(make_batch(spec, args.batch_size, data), device) if step < args.steps else None
         if step % args.eval_every == 0 or step == args.steps:
             te = time.time()
-            curve.append((step, accuracy(model, held_out, mask)))
+            hits = answer_hits(model, held_out, mask)
+            curve.append((step, hits.float().mean().item()))
             diag = {"step": step, **memory_diagnostics(model, held_out, mask)}
+            by_position = accuracy_by_fact_position(hits, held_out, spec.chunk)
+            if by_position:
+                diag["accuracy_by_fact_quarter"] = by_position
             eval_seconds += time.time() - te
             print(f"[{label}] step {step} acc {curve[-1][1]:.3f} ({time.time() - t0:.0f}s)", flush=True)
         else:
@@ -458,8 +501,12 @@ def checkpoint_path(args, cfg: dict):
     key = json.dumps([cfg.get(k) for k in CONFIG_KEYS] + [cfg["seed"]])
     name = f"{cfg['task']}_C{cfg['chunk']}_N{cfg['slots']}_{cfg['write']}_s{cfg['seed']}_" + \
         hashlib.sha1(key.encode()).hexdigest()[:10] + \
-        "".join(f"_{tag}{cfg[k]:g}" for k, default, tag in LATER_KEYS if cfg.get(k, default) != default) + ".pt"
+        "".join(f"_{tag}{_tag_value(cfg[k])}" for k, default, tag in LATER_KEYS if cfg.get(k, default) != default) + ".pt"
     return os.path.join(args.ckpt_dir, name)
+
+
+def _tag_value(value) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
@@ -520,7 +567,11 @@ def _label(r: dict) -> str:
     differ only by seed share a label, and so a row of the table and a curve colour)."""
     eps = r.get("adam_eps", DEFAULT_EPS)
     fb = r.get("forget_bias", DEFAULT_FORGET_BIAS)
-    return _base_label(r) + (f", forget bias {fb:+g}" if fb != DEFAULT_FORGET_BIAS else "") + \
+    sh = r.get("shift", DEFAULT_SHIFT)
+    m0 = r.get("init", DEFAULT_INIT)
+    return _base_label(r) + (f", M_0 {m0}" if m0 != DEFAULT_INIT else "") + \
+        (f", shift {sh}" if sh != DEFAULT_SHIFT else "") + \
+        (f", forget bias {fb:+g}" if fb != DEFAULT_FORGET_BIAS else "") + \
         (f", lr {r['lr']:g}" if r.get("lr", DEFAULT_LR) != DEFAULT_LR else "") + \
         (f", adam eps {eps:g}" if eps != DEFAULT_EPS else "") + \
         (f" (partial, step {r['partial_at']})" if "partial_at" in r else "")
@@ -813,7 +864,7 @@ def configs_of(args):
                     hops=args.hops if args.task == "persist" else 1, model=model_kind,
                     write=write, **logit_scales(write, args),
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps,
-                    forget_bias=args.forget_bias)
+                    forget_bias=args.forget_bias, shift=args.shift, init=args.init)
         for seed in (int(s) for s in args.seeds.split(",")):
             yield base, seed
 

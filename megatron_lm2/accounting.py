@@ -15,7 +15,8 @@ TFLOP/s and MFU and `lm2-flavors` use: the FLOPs the kernels of one training ste
   mask keeps on average, backward 2.5x (block-tiled kernels compute a little more on the
   diagonal; not counted).
 - The memory as training runs it: chunk j's keys/values need a GEMM for j >= 1 (chunk 0's
-  come from the weights: identity M_0, or one GEMM per micro-batch: learned M_0), and the
+  come from the weights: identity M_0, or one GEMM per micro-batch: learned M_0, and
+  identity-signs with N > d), and the
   last chunk is not written (no later chunk reads it).
 - Not counted: elementwise work (norms, gates, softmax, RoPE, loss), communication.
 """
@@ -99,7 +100,7 @@ def _memory_flops(config: LM2Config, seq_length: int, micro_batch_size: int) -> 
     written = chunks - 1  # the last chunk's write is skipped in training
     gemm = 6 * d * d * seq_length  # linear_q, linear_out_gate, linear_proj on every token
     kv_forward = written * 4 * n * d * d  # K/V GEMMs on the banks of chunks 1..
-    if config.memory_init == "learned":
+    if not config.memory_initial_is_identity:
         kv_forward += 4 * n * d * d / micro_batch_size  # chunk 0: one GEMM on M_0 per micro-batch
     attention = 4 * n * d * seq_length  # the read: every token over N slots
     if config.memory_write == "attention":
@@ -143,7 +144,8 @@ def flops_per_token(config: LM2Config, seq_length: int | None = None, *, kernel:
                     micro_batch_size: int = 1) -> float:
     """Training FLOPs (forward + backward) per token, as executed (module docstring). `kernel`:
     the self-attention kernel, "te" (GPU training, the default) or "local"; micro_batch_size
-    matters only for a learned M_0 (its keys are one GEMM per micro-batch)."""
+    matters only where M_0 is not the identity (learned, or identity-signs with N > d: its keys
+    are one GEMM per micro-batch)."""
     seq = seq_length or config.seq_length
     d = config.hidden_size
     block_matmul = block_parameters(config) - 2 * d  # weights only (norms are not matmuls)

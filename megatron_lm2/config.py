@@ -26,7 +26,7 @@ from megatron_lm2.cli_errors import UserInputError
 # attention: slots gather the chunk by the read's scores; token: slot i <- token i (N = C), no
 # scores; aligned: the paper's equations literally (N = C). docs/memory.md.
 MEMORY_WRITE_MODES = ("attention", "token", "aligned")
-MEMORY_INIT_MODES = ("identity", "learned")
+MEMORY_INIT_MODES = ("identity", "learned", "identity-signs")
 # dot: Q K^T / sqrt(d_h); qknorm: every head's queries and slot keys RMS-normalised, the score
 # their cosine times a learned per-head logit scale (one for the read, one for the attention
 # write), initialised to memory_logit_scale. docs/memory.md, issue 10.
@@ -152,6 +152,14 @@ class LM2Config(TransformerConfig):
         if self.memory_scores != "qknorm":
             return ()
         return ("read_logit_scale",) + (("write_logit_scale",) if self.memory_write == "attention" else ())
+
+    @property
+    def memory_initial_is_identity(self) -> bool:
+        """M_0 is the fixed identity (zeros past d), so chunk 0's keys and values are columns of
+        W_KV and cost no GEMM. A learned M_0, or identity-signs with slots past d, is one GEMM."""
+        if self.memory_init == "identity-signs":
+            return self.memory_slots <= self.hidden_size
+        return self.memory_init == "identity"
 
     @property
     def memory_head_dim(self) -> int:

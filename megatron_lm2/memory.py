@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -81,6 +82,30 @@ def identity_bank(num_slots: int, hidden_size: int, dtype=torch.float32, device=
     bank = torch.zeros(num_slots, hidden_size, dtype=dtype, device=device)
     n = min(num_slots, hidden_size)
     bank[torch.arange(n), torch.arange(n)] = 1.0
+    return bank
+
+
+SIGNS_SEED = 0x4C4D32  # "LM2": the one seed of memory_init="identity-signs"
+
+
+def sign_rows(rows: int, hidden_size: int) -> Tensor:
+    """[rows, d] float64 rows of +-1/sqrt(d), from Python's Mersenne Twister (getrandbits is
+    reproducible across Python versions and machines, unlike torch's generators): unit vectors,
+    pairwise cosines ~ 1/sqrt(d). The HF modeling file computes the same bits."""
+    n = rows * hidden_size
+    raw = random.Random(SIGNS_SEED).getrandbits(n).to_bytes((n + 7) // 8, "little") if n else b""
+    bytes_ = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
+    bits = ((bytes_[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n]
+    return (bits.to(torch.float64) * 2 - 1).view(rows, hidden_size) / math.sqrt(hidden_size)
+
+
+def initial_bank_rows(mode: str, num_slots: int, hidden_size: int, dtype=torch.float32, device=None) -> Tensor:
+    """M_0 [N, d] of a memory_init mode. "identity" and "learned" start at the paper's identity
+    (zeros past d). "identity-signs": the same for i < d, and slots i >= d get distinct random
+    sign vectors instead of zeros, so N > d slots are not d + 1 distinct ones (issue 10)."""
+    bank = identity_bank(num_slots, hidden_size, dtype=dtype, device=device)
+    if mode == "identity-signs" and num_slots > hidden_size:
+        bank[hidden_size:] = sign_rows(num_slots - hidden_size, hidden_size).to(dtype=dtype, device=device)
     return bank
 
 
@@ -318,7 +343,7 @@ class LM2Memory(MegatronModule):
         )
 
         lo = self.tp_rank * self.local_hidden
-        initial = identity_bank(self.num_slots, d)[:, lo : lo + self.local_hidden]
+        initial = initial_bank_rows(config.memory_init, self.num_slots, d)[:, lo : lo + self.local_hidden]
         if config.memory_init == "learned":
             self.initial_bank = torch.nn.Parameter(initial.to(config.params_dtype))
             # TP-sharded along the hidden dimension, like a column-parallel weight's rows.
@@ -448,7 +473,7 @@ class LM2Memory(MegatronModule):
             if releasing and j > 0:
                 # bank_j: its consumers (linear_kv, this chunk's write) are done. M_0 is a buffer.
                 released.append((read_bank, recompute_bank))
-            if releasing and initial and self.config.memory_init == "identity":
+            if releasing and initial and self.config.memory_initial_is_identity:
                 # M_0's keys and values: a copy of W_KV's columns, copied again for backward.
                 dtype = hidden_states.dtype
                 released.append((initial_kv, lambda: self._initial_kv(dtype)))
@@ -513,8 +538,8 @@ class LM2Memory(MegatronModule):
     def _initial_kv(self, dtype: torch.dtype) -> Tensor:
         """[1, N, 2d/tp] fused K/V of M_0. Identity M_0: slot i is e_i, so its keys and values
         are column i of W_KV (+ bias) and slots past d are the bias alone: no GEMM. Learned
-        M_0: one GEMM on one bank."""
-        if self.config.memory_init == "learned":
+        M_0, and identity-signs with slots past d: one GEMM on one bank."""
+        if not self.config.memory_initial_is_identity:
             bank = gather_from_tensor_model_parallel_region(self.initial_bank.to(dtype)[None])
             return self.linear_kv(bank)[0]
         weight = self.linear_kv.weight

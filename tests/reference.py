@@ -19,6 +19,7 @@ def memory_reference(
     qk_norm: bool = False,
     norm_eps: float = 1e-6,
     forget_bias: float = 0.0,
+    shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (memory branch output [T, B, d], bank after the last chunk [B, N, d]).
 
@@ -30,7 +31,11 @@ def memory_reference(
     weights["write_salience"] ([heads, d], optional): the write's logit of token t for every slot
     of head h gains e_t . write_salience[h].
 
-    forget_bias: a constant added to every forget-gate logit, g_forget = sigmoid(x W_f^T + b)."""
+    forget_bias: a constant added to every forget-gate logit, g_forget = sigmoid(x W_f^T + b).
+
+    shift (the study's prototype): the write takes w_t = e_t + e_(t-1) + ... + e_(t-shift), terms
+    from the same chunk only, where it takes token states (the attention write's values, the
+    token write's content and gates); the scores keep e_t."""
     seq, batch, d = tokens.shape
     head_dim = d // heads
     sigmoid = torch.sigmoid
@@ -41,6 +46,10 @@ def memory_reference(
         read_all = torch.zeros(seq, d, dtype=tokens.dtype)
         for start in range(0, seq, chunk):
             e = tokens[start : start + chunk, b]  # [c, d]
+            w = e.clone()
+            for back in range(1, shift + 1):
+                for t in range(back, e.shape[0]):
+                    w[t] = w[t] + e[t - back]
             q = e @ weights["q"].T
             k = bank @ weights["k"].T
             v = bank @ weights["v"].T
@@ -63,16 +72,16 @@ def memory_reference(
                     write_logits = write_scores.T  # [N, c]
                     if "write_salience" in weights:  # + a per-token bias, the same for every slot
                         write_logits = write_logits + (e @ weights["write_salience"][h])[None, :]
-                    content[:, cols] = torch.softmax(write_logits, dim=1) @ e[:, cols]
+                    content[:, cols] = torch.softmax(write_logits, dim=1) @ w[:, cols]
             read_all[start : start + chunk] = read
             if write == "attention":
                 g_in = sigmoid(content @ weights["in_gate"].T)  # Eq. 4
                 g_forget = sigmoid(content @ weights["forget_gate"].T + forget_bias)  # Eq. 5
                 bank = g_in * torch.tanh(content) + g_forget * bank  # Eq. 6
             elif write == "token":  # slot i <- token i; both gates read the token
-                g_in = sigmoid(e @ weights["in_gate"].T)
-                g_forget = sigmoid(e @ weights["forget_gate"].T + forget_bias)
-                bank = g_in * torch.tanh(e) + g_forget * bank
+                g_in = sigmoid(w @ weights["in_gate"].T)
+                g_forget = sigmoid(w @ weights["forget_gate"].T + forget_bias)
+                bank = g_in * torch.tanh(w) + g_forget * bank
             else:  # aligned: slot i <- token i
                 g_in = sigmoid(e @ weights["in_gate"].T)
                 g_forget = sigmoid(read @ weights["forget_gate"].T + forget_bias)

@@ -41,8 +41,10 @@ def measured_bytes(cfg, batch: int) -> int:
         dict(memory_init="learned", memory_slots=64, memory_chunk_size=64),
         dict(memory_scores="qknorm"),
         dict(memory_scores="qknorm", memory_write="token"),
+        dict(num_layers=3, memory_layers=(2,), seq_length=512, memory_slots=256, memory_init="identity-signs"),
     ],
-    ids=["vanilla", "lm2", "subset-4chunks", "aligned", "token", "learned", "qknorm", "qknorm-token"],
+    ids=["vanilla", "lm2", "subset-4chunks", "aligned", "token", "learned", "qknorm", "qknorm-token",
+         "identity-signs-N>d"],
 )
 def test_activation_estimate_within_15_percent(overrides):
     cfg = get_flavor("debug", **{**SHAPE, **overrides})

@@ -35,6 +35,8 @@ VARIANTS = {
     "qknorm-token": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm"),
     "forget-bias": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm",
                         memory_forget_bias=3.0),
+    # N = 192 > d = 128: slots past d start as sign rows the HF file computes on its own.
+    "identity-signs": dict(flavor="debug", memory_slots=192, memory_init="identity-signs"),
 }
 PP_VARIANTS = ("debug", "vanilla")
 
@@ -230,7 +232,8 @@ def test_hf_logits_equal_megatron(checkpoints, converted, ckpt):
         assert (ablated - reference).abs().max().item() > 100 * TOL
 
 
-@pytest.mark.parametrize("name", ["debug", "aligned", "token", "learned", "qknorm", "qknorm-token", "forget-bias"])
+@pytest.mark.parametrize("name", ["debug", "aligned", "token", "learned", "qknorm", "qknorm-token", "forget-bias",
+                                  "identity-signs"])
 def test_memory_banks_evolve_the_same_chunk_by_chunk(checkpoints, converted, name):
     _, references = checkpoints
     _, folders = converted

@@ -53,6 +53,8 @@ CASES = {
     "vanilla": dict(seq_length=96, memory_layers=()),
     "learned M_0, truncated backprop": dict(seq_length=128, memory_chunk_size=32, memory_slots=40,
                                             memory_init="learned", memory_bptt_chunks=2),
+    "identity-signs M_0, N > d": dict(seq_length=64, memory_chunk_size=32, memory_slots=160,
+                                      memory_init="identity-signs"),
 }
 
 

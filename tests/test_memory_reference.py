@@ -1,9 +1,12 @@
 """The memory module equals an independent float64 statement of the equations."""
 
+import math
+import random
+
 import pytest
 import torch
 
-from megatron_lm2.memory import identity_bank
+from megatron_lm2.memory import identity_bank, initial_bank_rows
 from megatron_lm2.memory_state import carry_memory, memory_banks
 from reference import memory_reference, weights_of
 from reference import random_memory as _memory
@@ -110,6 +113,60 @@ def test_streaming_in_uneven_calls_equals_one_call(write, scores):
 def test_identity_initial_bank():
     bank = identity_bank(5, 3)
     assert torch.equal(bank[:3], torch.eye(3)) and torch.equal(bank[3:], torch.zeros(2, 3))
+
+
+def _sign_bank(slots, d):
+    """identity-signs stated bit by bit: e_i for i < d; past d, entry (r, c) of the extra rows is
+    +1/sqrt(d) where bit r*d + c of one getrandbits(rows*d) draw (seed 0x4C4D32) is 1, else -."""
+    bank = torch.zeros(slots, d, dtype=torch.float64)
+    for i in range(min(slots, d)):
+        bank[i, i] = 1.0
+    rows = slots - d
+    if rows > 0:
+        draw = random.Random(0x4C4D32).getrandbits(rows * d)
+        for r in range(rows):
+            for c in range(d):
+                bank[d + r, c] = (1.0 if (draw >> (r * d + c)) & 1 else -1.0) / math.sqrt(d)
+    return bank
+
+
+def test_identity_signs_bank():
+    """Slots past d get distinct unit rows instead of the identity's zeros (which make every
+    slot past d the same slot for ever); up to d it is the identity."""
+    bank = initial_bank_rows("identity-signs", 80, 16, dtype=torch.float64)
+    assert torch.equal(bank, _sign_bank(80, 16))
+    assert torch.equal(initial_bank_rows("identity-signs", 16, 16), identity_bank(16, 16))
+    assert torch.equal(initial_bank_rows("identity", 80, 16), identity_bank(80, 16))
+    norms = bank.norm(dim=1)
+    assert torch.allclose(norms, torch.ones(80, dtype=torch.float64))
+    cos = bank[16:] @ bank[16:].T - torch.eye(64, dtype=torch.float64)
+    assert cos.abs().max() < 0.9  # no two rows alike (random signs: ~1/sqrt(d) = 0.25)
+
+
+@pytest.mark.parametrize("write", ["attention", "token"])
+def test_identity_signs_module_equals_float64_reference(write):
+    """N > d: the module's M_0 is the bit-by-bit sign bank, and the memory computes the
+    reference's equations from it (chunk 0's keys and values by a GEMM, not W_KV's columns)."""
+    slots = 72  # > d = 64
+    chunk = 8 if write == "attention" else slots
+    cfg, module = _memory(memory_write=write, memory_slots=slots, memory_chunk_size=chunk,
+                          seq_length=5 * chunk, memory_init="identity-signs")
+    assert torch.equal(module.initial_bank, _sign_bank(slots, 64))
+    tokens = torch.randn(5 * chunk, 2, 64, dtype=torch.float64, requires_grad=True)
+    with carry_memory(module):
+        out, _ = module(tokens)
+        bank = memory_banks(module)[1]
+    w = weights_of(module, cfg.memory_heads)
+    w["initial"] = _sign_bank(slots, 64)
+    ref_out, ref_bank = memory_reference(tokens, w, cfg.memory_heads, chunk, write)
+    assert _rel_err(out, ref_out) < 1e-10 and _rel_err(bank, ref_bank) < 1e-10
+    (grad,) = torch.autograd.grad(out.square().sum(), tokens)
+    (ref_grad,) = torch.autograd.grad(ref_out.square().sum(), tokens)
+    assert _rel_err(grad, ref_grad) < 1e-10
+    # Not vacuous: chunk 0 reads different slots than with the identity's zeros.
+    plain_out, _ = memory_reference(tokens, dict(w, initial=identity_bank(slots, 64).double()),
+                                    cfg.memory_heads, chunk, write)
+    assert _rel_err(plain_out[:chunk], ref_out[:chunk]) > 1e-3
 
 
 def test_truncated_backprop_keeps_values_and_cuts_gradient():

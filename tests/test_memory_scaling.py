@@ -47,6 +47,26 @@ def test_study_forward_equals_float64_reference(write):
     assert ref.abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("write", ["attention", "qknorm-token"])
+def test_study_shift_equals_float64_reference(write):
+    """--shift 1: the write takes e_t + e_(t-1) within the chunk (the reference's `shift`)."""
+    token = write.endswith("token")
+    model, _ = ms.build(_cfg(write=write, slots=8 if token else 6, shift=1), 0)
+    model.double()
+    mem = _memory_of(model)
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.normal_(0.0, 0.3)
+    tokens = torch.randn(24, 2, 128, dtype=torch.float64)
+    out, _ = mem(tokens)
+    args = (tokens, weights_of(mem, mem.num_heads), mem.num_heads, 8, "token" if token else "attention")
+    qk = write.startswith("qknorm")
+    ref, _ = memory_reference(*args, qk_norm=qk, shift=1)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-10
+    plain, _ = memory_reference(*args, qk_norm=qk)
+    assert ((out - plain).abs().max() / ref.abs().max()).item() > 1e-3
+
+
 @pytest.mark.parametrize("write, forget_bias", [("attention", 0.0), ("token", 0.0), ("qknorm", 0.0),
                                                  ("qknorm-token", 0.0), ("attention", 2.5), ("qknorm-token", 2.5)])
 def test_study_write_equals_the_module(write, forget_bias):
@@ -168,7 +188,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, capsys):
     args = ms.parse_args(common + ["--results", str(tmp_path / "part.jsonl"), "--steps", "6"])
     cfg = dict(task="fact", chunk=8, slots=8, pairs=1, hops=1, model="lm2", write="attention", tau_read=None,
                tau_write=None, steps=6, batch_size=4, lr=args.lr)
-    real_eval = ms.accuracy
+    real_eval = ms.answer_hits
     calls = {"n": 0}
 
     def stop_after_checkpoint(*a, **k):
@@ -177,12 +197,12 @@ def test_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, capsys):
             raise KeyboardInterrupt
         return real_eval(*a, **k)
 
-    ms.accuracy = stop_after_checkpoint
+    ms.answer_hits = stop_after_checkpoint
     try:
         with pytest.raises(KeyboardInterrupt):
             ms.train_one(cfg, 0, args)
     finally:
-        ms.accuracy = real_eval
+        ms.answer_hits = real_eval
     assert os.path.exists(ms.checkpoint_path(args, {**cfg, "seed": 0}))
     capsys.readouterr()
     assert ms.main(common + ["--results", str(tmp_path / "part.jsonl")]) == 0
@@ -282,3 +302,16 @@ def test_report_keeps_runs_of_another_learning_rate_apart():
     rows = [line for line in ms.report_text([run, slow, biased]).splitlines() if line.startswith("| one fact | 8 | 8 |")]
     assert [r.split(" | ")[3] for r in rows] == ["token", "token, forget bias +3, lr 0.001", "token, lr 0.001"]
     assert ms.run_key(biased) != ms.run_key(slow) and ms.run_key(slow) == ms.run_key(dict(slow, forget_bias=0.0))
+
+
+def test_accuracy_by_fact_position():
+    """The held-out accuracy split by where each fact ends in chunk 0, quarter by quarter."""
+    spec = TaskSpec("fact", chunk=16)
+    batch = make_batch(spec, 64, 3)
+    where = torch.arange(batch.tokens.shape[1]).expand_as(batch.fact_mask)
+    last = torch.where(batch.fact_mask, where, -1).amax(1)
+    assert (last >= 0).all() and (last < 16).all()
+    hits = last < 8  # right on the first half of the chunk only
+    quarters = ms.accuracy_by_fact_position(hits, batch, 16)
+    assert quarters[:2] == [1.0, 1.0] and quarters[2:] == [0.0, 0.0]
+    assert ms.accuracy_by_fact_position(hits, make_batch(TaskSpec("mqar", chunk=16, pairs=4), 8, 3), 16) == []

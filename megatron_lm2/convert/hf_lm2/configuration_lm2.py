@@ -9,7 +9,7 @@ __init__ defaults and CHOICES) are therefore a copy of the declaration in megatr
 from transformers import PretrainedConfig
 
 MEMORY_WRITE_MODES = ("attention", "token", "aligned")
-MEMORY_INIT_MODES = ("identity", "learned")
+MEMORY_INIT_MODES = ("identity", "learned", "identity-signs")
 MEMORY_SCORE_MODES = ("dot", "qknorm")
 CHOICES = {"memory_write": MEMORY_WRITE_MODES, "memory_init": MEMORY_INIT_MODES,
            "memory_scores": MEMORY_SCORE_MODES}

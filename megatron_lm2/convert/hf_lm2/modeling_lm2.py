@@ -21,6 +21,8 @@ bank is written from its C tokens:
            'aligned'  : slot i <- token i (N = C)
                         M <- sigmoid(E W_in) * tanh(E_mem) + sigmoid(E_mem W_forget) * M
            every forget gate's logits plus the constant b = `memory_forget_bias` (0 by default)
+    M_0    slot i = e_i (zeros past d); 'identity-signs': slots past d are fixed +-1/sqrt(d) rows;
+           'learned': a parameter
 
 Self-attention is causal; with `attention_window` W it is causal inside segments of W tokens and
 blocked across segments, so the KV cache never holds more than W tokens.
@@ -34,7 +36,9 @@ This file is copied next to exported weights and loaded with trust_remote_code=T
 only torch, transformers and the standard library.
 """
 
+import functools
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +75,25 @@ def identity_bank(num_slots, hidden_size, dtype=torch.float32, device=None):
     n = min(num_slots, hidden_size)
     bank[torch.arange(n), torch.arange(n)] = 1.0
     return bank
+
+
+def initial_bank(mode, num_slots, hidden_size, dtype=torch.float32, device=None):
+    """M_0 of `memory_init`: the identity, except that "identity-signs" gives slots i >= d rows
+    of +-1/sqrt(d) from Python's Mersenne Twister seeded 0x4C4D32 (bit r*d + c of one
+    getrandbits draw is 1 for +), where the identity leaves zeros."""
+    bank = identity_bank(num_slots, hidden_size, dtype=dtype, device=device)
+    if mode == "identity-signs" and num_slots > hidden_size:
+        bank[hidden_size:] = _sign_rows(num_slots - hidden_size, hidden_size).to(dtype=dtype, device=device)
+    return bank
+
+
+@functools.lru_cache(maxsize=8)
+def _sign_rows(rows, hidden_size):
+    n = rows * hidden_size
+    raw = random.Random(0x4C4D32).getrandbits(n).to_bytes((n + 7) // 8, "little")
+    bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    bits = ((bits[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n]
+    return (bits.to(torch.float64) * 2 - 1).view(rows, hidden_size) / math.sqrt(hidden_size)
 
 
 # --------------------------------------------------------------------------------- cache
@@ -256,7 +279,8 @@ class LM2MemoryBlock(nn.Module):
         self.in_gate = nn.Linear(d, d, bias=False)
         self.forget_gate = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
-        if config.memory_init == "learned":
+        self.memory_init = getattr(config, "memory_init", "identity")
+        if self.memory_init == "learned":
             self.initial_bank = nn.Parameter(identity_bank(self.num_slots, d))
         else:
             self.initial_bank = None
@@ -272,7 +296,7 @@ class LM2MemoryBlock(nn.Module):
         if self.initial_bank is not None:
             bank = self.initial_bank.to(dtype)
         else:
-            bank = identity_bank(self.num_slots, self.hidden_size, dtype=dtype, device=device)
+            bank = initial_bank(self.memory_init, self.num_slots, self.hidden_size, dtype=dtype, device=device)
         return bank.unsqueeze(0).expand(batch_size, -1, -1)
 
     def _scores(self, queries, bank, scale=None):
