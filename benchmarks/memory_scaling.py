@@ -307,6 +307,7 @@ def accuracy(model, batch: TaskBatch, mask, micro: int = 64) -> float:
     return answer_hits(model, batch, mask, micro).float().mean().item()
 
 
+@torch.no_grad()  # without it every held-out micro-batch kept its autograd graph: 2x a step's peak
 def answer_hits(model, batch: TaskBatch, mask, micro: int = 64) -> torch.Tensor:
     """[B, S] bool: at each answer position, whether the argmax is the label (False elsewhere)."""
     model.eval()

@@ -269,6 +269,16 @@ def test_a_plan_runs_side_by_side_skips_what_is_done_and_names_a_bad_line(tmp_pa
         ms.plan_jobs(str(plan))
 
 
+def test_the_shipped_plan_parses_into_distinct_configs():
+    """benchmarks/memory_study_plan.txt is what a GPU call or a CPU resume runs unattended: every line
+    must be the tool's flags, and no config may be listed twice (a rerun would skip the second)."""
+    path = os.path.join(os.path.dirname(ms.__file__), "memory_study_plan.txt")
+    jobs = ms.plan_jobs(path)
+    keys = [ms.job_key(flags) for flags in jobs]
+    assert len(jobs) > 100 and len(set(keys)) == len(keys)
+    assert any("identity-signs" in flags for flags in jobs)
+
+
 def test_loss_spikes_are_steps_far_above_the_recent_median():
     calm = [2.8 + 0.05 * ((i * 7) % 5 - 2) for i in range(120)]
     spiky = list(calm)
@@ -302,6 +312,18 @@ def test_report_keeps_runs_of_another_learning_rate_apart():
     rows = [line for line in ms.report_text([run, slow, biased]).splitlines() if line.startswith("| one fact | 8 | 8 |")]
     assert [r.split(" | ")[3] for r in rows] == ["token", "token, forget bias +3, lr 0.001", "token, lr 0.001"]
     assert ms.run_key(biased) != ms.run_key(slow) and ms.run_key(slow) == ms.run_key(dict(slow, forget_bias=0.0))
+
+
+def test_held_out_hits_build_no_autograd_graph(monkeypatch):
+    """The evaluation runs without grad: a kept graph per held-out micro-batch doubled a C = 256
+    run's peak memory (12 GB, and an OOM kill with two runs side by side)."""
+    model, spec = ms.build(_cfg(), 0)
+    batch = make_batch(spec, 6, 1)
+    grad_seen, forward = [], ms._forward
+    monkeypatch.setattr(ms, "_forward", lambda *a: grad_seen.append(torch.is_grad_enabled()) or forward(*a))
+    hits = ms.answer_hits(model, batch, attention_mask(spec.seq_length, spec.chunk), micro=4)
+    assert grad_seen == [False, False] and torch.is_grad_enabled()
+    assert hits.shape == (int(batch.loss_mask.sum()),) and model.training
 
 
 def test_accuracy_by_fact_position():
