@@ -194,6 +194,23 @@ def test_lm2_1p7b_is_near_the_paper():
     assert abs(count.memory - 0.5e9) / 0.5e9 < 0.08
 
 
+def test_every_flavor_keeps_its_slots_within_the_width():
+    """The identity M_0 (the default) starts slots past d at zero, all alike: every registered
+    flavor keeps N <= d, so its bank starts as the paper's identity and chunk 0 costs no GEMM.
+    A config with N > d can ask for distinct start rows (identity-signs)."""
+    from megatron_lm2.memory import identity_bank, initial_bank_rows
+
+    for name in list_flavors():
+        cfg = get_flavor(name)
+        if cfg.memory_layer_numbers:
+            assert cfg.memory_slots <= cfg.hidden_size and cfg.memory_initial_is_identity, name
+    wide = get_flavor("debug", memory_slots=256)  # d = 128
+    assert wide.memory_initial_is_identity and not get_flavor("debug", memory_slots=256,
+                                                             memory_init="identity-signs").memory_initial_is_identity
+    assert len({tuple(r.tolist()) for r in identity_bank(256, 128)}) == 129
+    assert len({tuple(r.tolist()) for r in initial_bank_rows("identity-signs", 256, 128)}) == 256
+
+
 def test_memory_linears_get_their_own_config():
     """Megatron's TE linear wrapper switches `tp_comm_overlap` off on the config it is given
     when the buffer name is not one of its own (megatron/core/extensions/transformer_engine.py,
