@@ -724,7 +724,7 @@ def plot(runs: list[dict], prefix: str) -> list[str]:
     facts = [r for r in runs if r["task"] == "fact"]
     chunks = sorted({r["chunk"] for r in facts})
     if chunks:
-        fig, axes = plt.subplots(1, len(chunks), figsize=(3.2 * len(chunks), 3.2), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(chunks), figsize=(3.2 * len(chunks), 3.6), squeeze=False, sharey=True)
         labels = sorted({_label(r) for r in facts})
         colors = {lab: f"C{i}" for i, lab in enumerate(labels)}
         for ax, c in zip(axes[0], chunks):
@@ -742,7 +742,7 @@ def plot(runs: list[dict], prefix: str) -> list[str]:
             ax.set_title(f"one fact, C = {c}")
             ax.set_xlabel("step")
             ax.set_ylim(0, 100)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.3), frameon=False)  # below: no curve hidden
         axes[0][0].set_ylabel("held-out accuracy (%)")
         fig.tight_layout()
         written.append(_save(fig, f"{prefix}_accuracy.png"))
@@ -778,7 +778,7 @@ def plot(runs: list[dict], prefix: str) -> list[str]:
 
 def _save(fig, path: str) -> str:
     with atomic_path(path, suffix=".png", fsync=False) as tmp:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")  # legends placed outside the axes stay in
     return path
 
 
