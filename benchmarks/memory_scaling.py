@@ -309,7 +309,7 @@ def accuracy(model, batch: TaskBatch, mask, micro: int = 64) -> float:
 
 @torch.no_grad()  # without it every held-out micro-batch kept its autograd graph: 2x a step's peak
 def answer_hits(model, batch: TaskBatch, mask, micro: int = 64) -> torch.Tensor:
-    """[B, S] bool: at each answer position, whether the argmax is the label (False elsewhere)."""
+    """Bool, one entry per answer position of `batch` (row-major): whether the argmax is the label."""
     model.eval()
     hits = []
     for s in range(0, batch.tokens.shape[0], micro):

@@ -93,8 +93,10 @@ def sign_rows(rows: int, hidden_size: int) -> Tensor:
     reproducible across Python versions and machines, unlike torch's generators): unit vectors,
     pairwise cosines ~ 1/sqrt(d). The HF modeling file computes the same bits."""
     n = rows * hidden_size
-    raw = random.Random(SIGNS_SEED).getrandbits(n).to_bytes((n + 7) // 8, "little") if n else b""
-    bytes_ = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
+    if n == 0:  # torch.frombuffer refuses an empty buffer
+        return torch.zeros(rows, hidden_size, dtype=torch.float64)
+    raw = random.Random(SIGNS_SEED).getrandbits(n).to_bytes((n + 7) // 8, "little")
+    bytes_ = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     bits = ((bytes_[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:n]
     return (bits.to(torch.float64) * 2 - 1).view(rows, hidden_size) / math.sqrt(hidden_size)
 
