@@ -103,7 +103,8 @@ class LM2Config(TransformerConfig):
     memory_scores: str = knob("dot", "memory read/write scores: 'dot' = Q K^T / sqrt(d_h); 'qknorm' = "
                               "cosine of RMS-normalised Q and K times a learned per-head scale",
                               choices=MEMORY_SCORE_MODES, hf=True, optional_in_record=True)
-    memory_logit_scale: float = knob(10.0, "qknorm: initial per-head logit scale of the memory's scores",
+    memory_logit_scale: float = knob(10.0, "qknorm: initial per-head logit scale of the memory's scores "
+                                     "(it stays near this value in training: pick it for N, docs/memory.md)",
                                      positive=True, hf=True, optional_in_record=True)
     # A prior on retention: the paper's gates have no bias, so g_forget starts at 0.5 and a fact
     # written once fades by half per chunk (issue 10's persistence task: chance across 4 chunks).

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_lm2.eval import babilong_gen
-from megatron_lm2.eval.memory_tasks import TaskSpec, make_batch, twohop_story, without_facts
+from megatron_lm2.eval.memory_tasks import TaskSpec, make_batch, twohop_story, with_other_keys, without_facts
 from megatron_lm2.model import attention_mask
 from reference import memory_reference, weights_of
 
@@ -125,6 +125,24 @@ def test_recall_tasks_answer_from_chunk_zero_only(name, kw):
     assert torch.equal(ablated.tokens[:, spec.chunk :], batch.tokens[:, spec.chunk :])
 
 
+@pytest.mark.parametrize("name,pairs,hops", [("fact", 1, 1), ("mqar", 16, 1), ("persist", 1, 3)])
+def test_with_other_keys_asks_a_key_the_facts_do_not_hold(name, pairs, hops):
+    spec = TaskSpec(name, chunk=32 if pairs == 1 else 64, pairs=pairs, hops=hops, num_keys=64 if pairs > 8 else 32)
+    batch = make_batch(spec, 16, 4)
+    swapped = with_other_keys(spec, batch, 0)
+    keys = spec.mqar_spec().key_ids
+    changed = swapped.tokens != batch.tokens
+    assert torch.equal(changed, batch.loss_mask.bool())  # the asked keys, and nothing else
+    for row in range(16):
+        fact_keys = {t for t in batch.tokens[row][batch.fact_mask[row]].tolist() if t in keys}
+        assert len(fact_keys) == pairs
+        for t in swapped.tokens[row][batch.loss_mask[row].bool()].tolist():
+            assert t in keys and t not in fact_keys
+    assert torch.equal(swapped.labels, batch.labels)
+    with pytest.raises(ValueError, match="two-hop"):
+        with_other_keys(TaskSpec("twohop", chunk=96), make_batch(TaskSpec("twohop", chunk=96), 2, 0), 0)
+
+
 def test_twohop_story_is_babilong_qa2_and_answer_is_its_target():
     ids, obj, place = twohop_story(5, 56)
     words = {i: w for w, i in ms_twohop_ids().items()}
@@ -165,6 +183,9 @@ def test_seconds_long_study_run_saves_resumes_and_reports(tmp_path, capsys):
     assert d0["step"] == 0 and d0["grad_norm"]["layer1.linear_q"] > 0
     assert 0 < d0["layer1.write_entropy"] <= 1 and 0 < d0["layer1.read_entropy"] <= 1
     assert "without_facts_accuracy" in lm2 and lm2["seconds"] >= lm2["train_seconds"] > 0
+    assert 0 <= lm2["other_key_accuracy"] <= 1
+    learned, answers = d0["answers_learned"]
+    assert 1 <= answers <= 8 and 0 <= learned <= answers and len(d0["accuracy_by_answer"]) == answers
     assert len(lm2["losses"]) == len(lm2["grad_norms"]) == 3 and all(g > 0 for g in lm2["grad_norms"])
     assert ms.loss_spikes(lm2["losses"]) == []
     capsys.readouterr()
@@ -326,6 +347,26 @@ def test_held_out_hits_build_no_autograd_graph(monkeypatch):
     assert hits.shape == (int(batch.loss_mask.sum()),) and model.training
 
 
+def test_accuracy_by_answer_counts_each_answer_token_on_its_own():
+    """Per answer id, against a row-by-row count; mqar has several answers per row."""
+    batch = make_batch(TaskSpec("mqar", chunk=16, pairs=4), 32, 5)
+    answers = batch.labels[batch.loss_mask.bool()]
+    hits = (answers % 3 == 0) | (torch.arange(len(answers)) % 5 == 0)
+    got = ms.accuracy_by_answer(hits, batch)
+    right, seen, k = {}, {}, 0
+    for row in range(batch.tokens.shape[0]):
+        for pos in range(batch.tokens.shape[1]):
+            if batch.loss_mask[row, pos]:
+                a = int(batch.labels[row, pos])
+                seen[a] = seen.get(a, 0) + 1
+                right[a] = right.get(a, 0) + int(hits[k])
+                k += 1
+    assert k == len(hits) and set(got) == set(seen) and len(got) > 4
+    for a in seen:
+        assert got[a] == round(right[a] / seen[a], 4)
+    assert any(0 < v < 1 for v in got.values())
+
+
 def test_accuracy_by_fact_position():
     """The held-out accuracy split by where each fact ends in chunk 0, quarter by quarter."""
     spec = TaskSpec("fact", chunk=16)
@@ -337,3 +378,37 @@ def test_accuracy_by_fact_position():
     quarters = ms.accuracy_by_fact_position(hits, batch, 16)
     assert quarters[:2] == [1.0, 1.0] and quarters[2:] == [0.0, 0.0]
     assert ms.accuracy_by_fact_position(hits, make_batch(TaskSpec("mqar", chunk=16, pairs=4), 8, 3), 16) == []
+
+
+def test_memory_probe_reads_the_slots_it_names(tmp_path):
+    """benchmarks/memory_probe.py: slot_mass against a loop; on a small checkpoint, its accuracies
+    against the study tool's own evaluation of the same held-out batch."""
+    import memory_probe
+
+    g = torch.Generator().manual_seed(0)
+    read = torch.rand(5, 3, 8, 8, generator=g)
+    pos, slots = torch.tensor([8, 9, 15, 10, 12]), torch.tensor([0, 7, 3, 3, 5])
+    want = torch.stack([read[b, :, pos[b] - 8, slots[b]] for b in range(5)])
+    assert torch.equal(memory_probe.slot_mass(read, pos, slots, 8), want)
+
+    cfg = dict(_cfg(write="qknorm-token", slots=8, tau_write=None), seed=1)
+    model, spec = ms.build(cfg, 1)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model=model.state_dict(), step=7, cfg=cfg), path)
+    r = memory_probe.probe(str(path), samples=32)
+    held = make_batch(spec, 32, ms.EVAL_SEED)
+    mask = attention_mask(spec.seq_length, spec.chunk, "cpu")
+    assert r["step"] == 7 and r["accuracy"] == pytest.approx(ms.accuracy(model, held, mask))
+    assert r["other_key_accuracy"] == pytest.approx(ms.accuracy(model, with_other_keys(spec, held, ms.EVAL_SEED + 2), mask))
+    key, value = memory_probe.fact_slots(held)
+    assert torch.equal(held.tokens[torch.arange(32), key] >= spec.mqar_spec().key_ids.start, torch.ones(32, dtype=torch.bool))
+    assert (held.tokens[torch.arange(32), value] >= spec.mqar_spec().value_ids.start).all()
+    values = held.tokens[torch.arange(32), value]
+    weighted = sum(a * int((values == v).sum()) for v, a in r["by_value"].items()) / 32
+    assert weighted == pytest.approx(r["accuracy"])
+    for k, v in r.items():
+        if "_mass_" in k and v is not None:
+            assert len(v) == model.config.memory_heads and all(0 <= x <= 1 for x in v)
+    with pytest.raises(SystemExit, match="token write"):
+        torch.save(dict(model=model.state_dict(), step=0, cfg=dict(cfg, write="attention")), path)
+        memory_probe.probe(str(path))

@@ -109,6 +109,23 @@ def without_facts(spec: TaskSpec, batch: TaskBatch, seed: int) -> TaskBatch:
                      fact_mask=torch.zeros_like(batch.fact_mask))
 
 
+def with_other_keys(spec: TaskSpec, batch: TaskBatch, seed: int) -> TaskBatch:
+    """The same samples with every asked key replaced by a key the sample's facts do not hold,
+    labels unchanged. A model that still answers with the fact's value does not use the key: with
+    one fact it only has to find the one value token in the bank (session 10 found exactly that)."""
+    if spec.name == "twohop":
+        raise ValueError("with_other_keys: two-hop questions ask an object, not a key")
+    keys = spec.mqar_spec().key_ids
+    tokens = batch.tokens.clone()
+    g = torch.Generator().manual_seed(seed)
+    for row in range(tokens.shape[0]):
+        held = set(tokens[row][batch.fact_mask[row]].tolist())
+        free = torch.tensor([k for k in keys if k not in held])
+        asked = batch.loss_mask[row].nonzero()[:, 0]
+        tokens[row, asked] = free[torch.randint(len(free), (len(asked),), generator=g)]
+    return TaskBatch(tokens=tokens, labels=batch.labels, loss_mask=batch.loss_mask, fact_mask=batch.fact_mask)
+
+
 # ---------------------------------------------------------------------------- two-hop (qa2)
 def _twohop_words() -> list[str]:
     words = set(babilong_gen.PEOPLE) | set(babilong_gen.PLACES) | set(babilong_gen.OBJECTS)
