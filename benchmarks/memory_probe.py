@@ -56,27 +56,15 @@ def probe(path: str, samples: int = 128) -> dict:
     held = make_batch(spec, samples, ms.EVAL_SEED)
     mask = attention_mask(spec.seq_length, spec.chunk, "cpu")
     mods = [m for m in ms.memory_modules(model) if hasattr(m, "study_write")]
-    reads, gate_input = [], {}
-    original = ms._entropy
-    # study_forward calls _entropy on the write weights of each written chunk and, last, on the
-    # read weights of the final chunk: keep the final call per module.
-    ms._entropy = lambda a: (reads.append(a), original(a))[1]
-    hook = mods[0].register_forward_pre_hook(
-        lambda mod, args, kwargs: gate_input.__setitem__("x", args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True)
     for m in mods:
-        m.study_collect, m.study_fact_mask = True, held.fact_mask
+        m.study_keep = True
     model.eval()
     try:
         with torch.no_grad():
             logits = ms._forward(model, held, mask)
     finally:
-        ms._entropy = original
-        hook.remove()
         for m in mods:
-            m.study_collect, m.study_fact_mask = False, None
-    per_module = len(reads) // len(mods)
-    last_reads = [reads[(i + 1) * per_module - 1] for i in range(len(mods))]
+            m.study_keep = False
     answer = held.loss_mask.argmax(1)
     rows = torch.arange(samples)
     hit = logits[rows, answer].argmax(-1) == held.labels[rows, answer]
@@ -84,18 +72,12 @@ def probe(path: str, samples: int = 128) -> dict:
     values = held.tokens[rows, value_pos]
     out = {"step": state["step"], "accuracy": hit.float().mean().item(),
            "by_value": {int(v): hit[values == v].float().mean().item() for v in values.unique().tolist()}}
-    for m, read in zip(mods, last_reads):
+    for m in mods:
         for name, slots in (("key", key_pos), ("value", value_pos)):
-            mass = slot_mass(read, answer, slots, spec.chunk)
+            mass = slot_mass(m.study_read, answer, slots, spec.chunk)
             out[f"layer{m.layer_number}.{name}_mass_right"] = mass[hit].mean(0).tolist() if hit.any() else None
             out[f"layer{m.layer_number}.{name}_mass_wrong"] = mass[~hit].mean(0).tolist() if (~hit).any() else None
-    m = mods[0]
-    content = gate_input["x"][: spec.chunk].transpose(0, 1)  # the token write's slots of chunk 0
-    if hasattr(m, "linear_gates"):
-        g_in = m.linear_gates(content)[0].chunk(2, dim=-1)[0]
-    else:
-        g_in = m.linear_in_gate(content)[0]
-    g_value = torch.sigmoid(g_in).mean(-1)[rows, value_pos].detach()
+    g_value = mods[0].study_gate_in.mean(-1)[rows, value_pos]  # slot = position (token write)
     out["gate_in_value_slot"] = [g_value[hit].mean().item() if hit.any() else None,
                                  g_value[~hit].mean().item() if (~hit).any() else None]
     swapped = with_other_keys(spec, held, ms.EVAL_SEED + 2)

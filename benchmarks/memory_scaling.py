@@ -174,6 +174,7 @@ def study_forward(self, hidden_states, **unused):
     values = written.view(seq, batch, h, dh)
     bank = self.initial_bank.to(hidden_states.dtype).unsqueeze(0).expand(batch, -1, -1)
     collect = getattr(self, "study_collect", False)
+    keep = getattr(self, "study_keep", False)  # benchmarks/memory_probe.py: keep the read and the gate
     diag = {"write_entropy": [], "write_fact_mean": [], "write_fact_max": [], "read_entropy": [],
             "gate_in": [], "gate_forget": []}
     reads = []
@@ -191,6 +192,8 @@ def study_forward(self, hidden_states, **unused):
             read_logits = write_logits = torch.einsum("cbhe,bnhe->bhcn", q, key) / math.sqrt(dh)
         attn = torch.softmax(read_logits, dim=-1)
         reads.append(torch.einsum("bhcn,bnhe->cbhe", attn, value))
+        if keep and j == len(starts) - 1:
+            self.study_read = attn  # [B, h, c, N]: the last chunk's read over the slots
         if collect and j == len(starts) - 1:
             diag["read_entropy"].append(float(_entropy(attn).mean() / math.log(n)) if n > 1 else 0.0)
         if j + 1 < len(starts):
@@ -215,6 +218,8 @@ def study_forward(self, hidden_states, **unused):
                 in_logits, forget_logits = self.linear_in_gate(content)[0], self.linear_forget_gate(content)[0]
             g_in = torch.sigmoid(in_logits)
             g_forget = torch.sigmoid(forget_logits + self.config.memory_forget_bias)
+            if keep and j == 0:
+                self.study_gate_in = g_in  # [B, N, d]: the input gate of chunk 0's write
             bank = g_in * torch.tanh(content) + g_forget * bank
             if collect:
                 diag["write_entropy"].append(float(_entropy(w).mean() / math.log(end - start)))
