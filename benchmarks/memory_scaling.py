@@ -14,6 +14,11 @@ the asked key swapped for one the facts do not hold (near chance only if the ans
     python benchmarks/memory_scaling.py --task fact --chunk 64 --slots 32 --write attention --seeds 0,1,2
     python benchmarks/memory_scaling.py --task fact --chunk 256 --slots 256 --write qknorm --seeds 0
     python benchmarks/memory_scaling.py --report      # table + plots into benchmarks/memory_scaling.md's files
+    python benchmarks/memory_scaling.py --task mqar --pairs 4 --models full   # attention over the whole sample
+
+Models: `lm2`; `vanilla`, its twin without memory under the same window C (the control: chance by
+construction); `full`, that twin with causal attention over the whole sample (not a control: the
+bound on what this model and budget learn when self-attention can see the facts).
 
 Write modes: every mode runs through `study_forward` below (TP = 1), a re-statement of the
 module's equations (tested equal to megatron_lm2.memory.LM2Memory for the modes the module has),
@@ -58,8 +63,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from megatron_lm2.fileio import atomic_path, write_text_atomic  # noqa: E402
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, with_other_keys, without_facts  # noqa: E402
 from megatron_lm2.config import MEMORY_INIT_MODES  # noqa: E402
+from megatron_lm2.memory import chunk_shift_sum  # noqa: E402
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
+MODELS = ("lm2", "vanilla", "full")  # full: vanilla with attention over the whole sample
 WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token", "module")
 RESULTS = "benchmarks/memory_scaling.jsonl"
 DEFAULT_LR = 3e-3
@@ -79,7 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--slots", default="32", help="N, or 'C', 'C/2', '2C'")
     p.add_argument("--pairs", type=int, default=1, help="mqar: key-value pairs in chunk 0")
     p.add_argument("--hops", type=int, default=1, help="persist: the question's chunk index k")
-    p.add_argument("--models", default="lm2", help="comma list of lm2, vanilla")
+    p.add_argument("--models", default="lm2",
+                   help="comma list of lm2, vanilla (window C: the control, at chance), full (vanilla with causal "
+                        "attention over the whole sample: what this model and budget learn when attention sees the facts)")
     p.add_argument("--write", default="attention", help=f"one of {', '.join(WRITE_MODES)} (--init-only: a comma list)")
     p.add_argument("--tau-read", type=float, default=10.0, help="qknorm: initial read logit scale")
     p.add_argument("--tau-write", type=float, default=10.0, help="qknorm: initial write logit scale")
@@ -92,7 +101,7 @@ def parse_args(argv=None):
                    help="a constant added to the forget gate's logits: g_forget = sigmoid(E W_f + b) "
                         "(3: the gate starts at 0.95, so a fact written once outlasts the chunks after it)")
     p.add_argument("--shift", type=int, default=DEFAULT_SHIFT,
-                   help="the write's token i is E_i + E_(i-1) + ... + E_(i-shift) (within the chunk), so a slot "
+                   help="memory_write_shift: the write's token i is E_i + E_(i-1) + ... + E_(i-shift) (within the chunk), so a slot "
                         "holds a token with the tokens before it: a key next to its value")
     p.add_argument("--init", default=DEFAULT_INIT, choices=MEMORY_INIT_MODES,
                    help="memory_init: M_0 (identity-signs: slots past d start as distinct sign vectors, not zeros)")
@@ -152,25 +161,13 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
-def shifted_tokens(x: torch.Tensor, chunk: int, shift: int) -> torch.Tensor:
-    """x [T, B, d] -> y_t = x_t + x_(t-1) + ... + x_(t-shift), terms from an earlier chunk left out."""
-    if not shift:
-        return x
-    t, b, d = x.shape
-    c = x.view(t // chunk, chunk, b, d)
-    y = c.clone()
-    for k in range(1, shift + 1):
-        y[:, k:] += c[:, :-k]
-    return y.view(t, b, d)
-
-
 def study_forward(self, hidden_states, **unused):
     """LM2Memory.forward for one TP rank of size 1, no carried state, with the write selected by
     self.study_write and diagnostics collected into self.study_diag when self.study_collect."""
     seq, batch, d = hidden_states.shape
     h, dh, n, c = self.num_heads, self.head_dim, self.num_slots, self.chunk_size
     query = self.linear_q(hidden_states)[0].view(seq, batch, h, dh)
-    written = shifted_tokens(hidden_states, c, getattr(self, "study_shift", 0))
+    written = chunk_shift_sum(hidden_states, c, getattr(self, "study_shift", 0))  # memory_write_shift
     values = written.view(seq, batch, h, dh)
     bank = self.initial_bank.to(hidden_states.dtype).unsqueeze(0).expand(batch, -1, -1)
     collect = getattr(self, "study_collect", False)
@@ -271,15 +268,18 @@ def build(cfg_args: dict, seed: int):
 
     spec = task_spec(cfg_args)
     flavor = "debug" if cfg_args["model"] == "lm2" else "debug-vanilla"
+    window = None if cfg_args["model"] == "full" else spec.chunk  # full: the upper bound, not a control
     # The module's own write mode: "token" where the study runs it (so `module` can run it too),
     # else the default; study_forward replaces the forward for every other mode.
     memory_write = cfg_args.get("memory_write") or ("token" if cfg_args["write"].endswith("token") else "attention")
     config = get_flavor(flavor, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
-                        attention_window=spec.chunk, memory_chunk_size=spec.chunk,
+                        attention_window=window, memory_chunk_size=spec.chunk,
                         memory_slots=cfg_args["slots"], memory_write=memory_write,
                         memory_scores=cfg_args.get("memory_scores") or "dot",
                         memory_forget_bias=cfg_args.get("forget_bias", DEFAULT_FORGET_BIAS),
-                        memory_init=cfg_args.get("init", DEFAULT_INIT))
+                        memory_init=cfg_args.get("init", DEFAULT_INIT),
+                        # `module` runs the module's shift; the study's forward shifts on its own
+                        memory_write_shift=cfg_args.get("shift", DEFAULT_SHIFT) if cfg_args["write"] == "module" else 0)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_model(config)
@@ -437,7 +437,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
     t0 = time.time()
     model, spec = build(cfg_args, seed)
     device = _device(model)
-    mask = attention_mask(spec.seq_length, spec.chunk, device)
+    mask = attention_mask(spec.seq_length, None if cfg_args["model"] == "full" else spec.chunk, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                   eps=cfg_args.get("adam_eps", DEFAULT_EPS))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
@@ -510,7 +510,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
                losses=[round(x, 4) for x in losses], grad_norms=[None if g is None else round(g, 4) for g in grad_curve],
                diagnostics=diagnostics, seconds=time.time() - t0, train_seconds=train_seconds,
                eval_seconds=eval_seconds)
-    if memory_modules(model):
+    if memory_modules(model) or cfg_args["model"] == "full":  # the models with a path to the facts
         run["without_facts_accuracy"] = accuracy(model, without_facts(spec, held_out, EVAL_SEED + 1), mask)
         if spec.name != "twohop":  # does the answer depend on the asked key? (chance if it does)
             run["other_key_accuracy"] = accuracy(model, with_other_keys(spec, held_out, EVAL_SEED + 2), mask)
@@ -603,7 +603,7 @@ def _label(r: dict) -> str:
 
 def _base_label(r: dict) -> str:
     if r["model"] != "lm2":
-        return "vanilla"
+        return "vanilla, full attention" if r["model"] == "full" else "vanilla"
     if r["write"].startswith("qknorm"):
         if r.get("tau_write") is None:  # qknorm-token: a read scale only
             return f"{r['write']}(tau {r['tau_read']:g})"
@@ -885,6 +885,8 @@ def report(args) -> int:
 def configs_of(args):
     """(config, seed) for every model and seed the flags name: the unit a run and a result are."""
     for model_kind in args.models.split(","):
+        if model_kind not in MODELS:
+            raise SystemExit(f"--models: unknown model {model_kind!r}; known: {', '.join(MODELS)}")
         write = args.write if model_kind == "lm2" else "none"
         base = dict(task=args.task, chunk=args.chunk, slots=resolve_slots(args.slots, args.chunk),
                     pairs=args.pairs if args.task == "mqar" else 1,

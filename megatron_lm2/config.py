@@ -111,6 +111,13 @@ class LM2Config(TransformerConfig):
     memory_forget_bias: float = knob(0.0, "constant added to the memory forget gate's logits, "
                                      "g_forget = sigmoid(x W_f + b) (0 = the paper's; 3 starts it at 0.95)",
                                      hf=True, optional_in_record=True)
+    # A value's state holds its key (the token before it) only once self-attention has learned a
+    # previous-token head; adding the k tokens before each written token gives every slot its left
+    # context from the start (issue 10, session 11: multi-query recall used the key only with it).
+    memory_write_shift: int = knob(0, "the memory write takes each token plus the k tokens before it in "
+                                   "its chunk, E_i + ... + E_(i-k), so a value's slot also holds its key "
+                                   "(0 = the token alone; attention and token writes)",
+                                   hf=True, optional_in_record=True)
     # None = every layer, () = none (the vanilla twin).
     memory_layers: Optional[Tuple[int, ...]] = knob(
         None, "1-based block numbers that carry a memory bank (default: every block; for none, use "
@@ -214,6 +221,14 @@ class LM2Config(TransformerConfig):
                 "{memory_write} lines slot i up with token i of a chunk, so {memory_slots} must "
                 "equal {memory_chunk_size}", memory_write=self.memory_write,
                 memory_slots=self.memory_slots, memory_chunk_size=self.memory_chunk_size)
+        if not 0 <= self.memory_write_shift < self.memory_chunk_size:
+            raise ConfigError("{memory_write_shift} must be in [0, {memory_chunk_size}): the write adds "
+                              "that many earlier tokens of the same chunk",
+                              memory_write_shift=self.memory_write_shift, memory_chunk_size=self.memory_chunk_size)
+        if self.memory_write_shift and self.memory_write == "aligned":
+            raise ConfigError("{memory_write_shift} applies to the attention and token writes; the aligned "
+                              "write takes the reads, not the tokens", memory_write_shift=self.memory_write_shift,
+                              memory_write=self.memory_write)
         if self.memory_bptt_chunks is not None and self.memory_bptt_chunks < 2:
             raise ConfigError(
                 "{memory_bptt_chunks} must be >= 2 (backprop windows of k chunks; with 1 no gradient "

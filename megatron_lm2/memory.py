@@ -19,6 +19,8 @@ the fused CPU kernel here), so no [C, N] score matrix is ever stored:
     write  U     = SDPA(K, Q, E)                 slots attend over the chunk's tokens: the
                                                  read's scores, soft-maxed over tokens
            U     = E  (memory_write="token")     slot i <- token i of the chunk, N = C
+In both writes E may be E_i + E_(i-1) + ... + E_(i-k) (memory_write_shift = k, within the chunk):
+a slot then holds a token with the tokens before it, a value with its key.
 Chunk 0 of a fresh sequence reads M_0, the same for every sample: its keys and values are
 computed once, not per sample (with the identity M_0 they are columns of W_KV, no GEMM).
 
@@ -115,6 +117,19 @@ def _rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(mean(x^2) + eps) over the last axis (the head dimension), the mean in >= fp32."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     return x * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def chunk_shift_sum(x: Tensor, chunk: int, shift: int) -> Tensor:
+    """x [T, B, d], T a multiple of `chunk` -> y_t = x_t + x_(t-1) + ... + x_(t-shift), the terms
+    before t's chunk left out: what `memory_write_shift` writes (a slot holds a token with its
+    left context). A sum, not a learned convolution: no parameter, nothing to shard or export."""
+    if not shift:
+        return x
+    chunks = x.view(x.shape[0] // chunk, chunk, *x.shape[1:])
+    out = chunks
+    for k in range(1, shift + 1):
+        out = out + F.pad(chunks[:, :-k], (0, 0) * (x.dim() - 1) + (k, 0))
+    return out.reshape(x.shape)
 
 
 def _softmax(scores: Tensor) -> Tensor:
@@ -421,11 +436,19 @@ class LM2Memory(MegatronModule):
         query, _ = self.linear_q(hidden_states)  # Eq. 1: Q = E W_Q
         # qk-norm: normalised once, for every chunk's read and (attention) write scores.
         query = self._normalized(query.view(seq_len, batch, h, dh))
+        starts = list(range(0, seq_len, self.chunk_size))
+        # The last chunk is written only if a later call will read it (carry) and only once
+        # it is complete; the written chunks are a prefix.
+        tail = seq_len - starts[-1]
+        num_written = len(starts) - 1 + (1 if self.carry and tail == self.chunk_size else 0)
+        # What the writes take: the written chunks' tokens, each plus the memory_write_shift
+        # tokens before it in its chunk (held tokens start a chunk, so streaming writes the same).
+        written = self.write_tokens(hidden_states[: num_written * self.chunk_size])
         # The write gathers token states per head, in the same columns as this rank's bank.
         # A scatter, not a plain slice: its backward all-gathers, so every rank's gradient of
         # the (replicated) tokens includes the other ranks' columns.
-        token_values = scatter_to_tensor_model_parallel_region(hidden_states)
-        token_values = token_values.view(seq_len, batch, h, dh)
+        token_values = scatter_to_tensor_model_parallel_region(written)
+        token_values = token_values.view(written.shape[0], batch, h, dh)
 
         carried = self.carry and self.bank is not None
         bank = self.start_bank(batch, hidden_states.dtype)
@@ -437,17 +460,15 @@ class LM2Memory(MegatronModule):
         released: list = []
         recompute_bank = None
         reads, write_logits = [], []
-        starts = list(range(0, seq_len, self.chunk_size))
-        # The last chunk is written only if a later call will read it (carry) and only once
-        # it is complete; the written chunks are a prefix.
-        tail = seq_len - starts[-1]
-        num_written = len(starts) - 1 + (1 if self.carry and tail == self.chunk_size else 0)
+        if releasing and self.config.memory_write_shift and written.numel():
+            # The shifted tokens: inputs of the gate GEMM and the write only, recomputed by adds.
+            released.append((written, lambda: self.write_tokens(hidden_states[: written.shape[0]])))
         in_logits = None
         if self.write_mode != "attention" and num_written:
             # The aligned input gate, and both gates of the token write, read the tokens, all
             # known now: one GEMM for every write.
             gates = self.linear_in_gate if self.write_mode == "aligned" else self.linear_gates
-            in_logits = gates(hidden_states[: num_written * self.chunk_size])[0]
+            in_logits = gates(written)[0]
         for j, start in enumerate(starts):
             end = min(start + self.chunk_size, seq_len)
             bptt = self.config.memory_bptt_chunks
@@ -468,7 +489,7 @@ class LM2Memory(MegatronModule):
             read_bank = bank
             if j < num_written:
                 bank, logits, update = self._write_chunk(
-                    bank, key, q_chunk, token_values[start:end], hidden_states[start:end], read,
+                    bank, key, q_chunk, token_values[start:end], written[start:end], read,
                     None if in_logits is None else in_logits[start:end],
                 )
                 write_logits.append(logits)
@@ -503,6 +524,11 @@ class LM2Memory(MegatronModule):
             released.append((gated, lambda: _out_gate(gate_logits, e_mem)))
             self._release_until_backward(output, released)
         return output, bias
+
+    def write_tokens(self, hidden_states: Tensor) -> Tensor:
+        """The tokens the write takes from whole chunks [k C, B, d]: each plus the
+        `memory_write_shift` tokens before it in its chunk (the tokens themselves when 0)."""
+        return chunk_shift_sum(hidden_states, self.chunk_size, self.config.memory_write_shift)
 
     # ------------------------------------------------------- released activations
     @staticmethod

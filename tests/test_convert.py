@@ -30,11 +30,12 @@ VARIANTS = {
     "vanilla": dict(flavor="debug-vanilla"),
     "aligned": dict(flavor="debug", memory_write="aligned", memory_slots=64),
     "token": dict(flavor="debug", memory_write="token", memory_slots=64),
-    "learned": dict(flavor="debug", memory_init="learned", memory_layers=(2, 3)),
+    "learned": dict(flavor="debug", memory_init="learned", memory_layers=(2, 3), memory_write_shift=2),
     "qknorm": dict(flavor="debug", memory_scores="qknorm"),
     "qknorm-token": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm"),
+    # The study's association config: the token write with qknorm, a forget bias and a write shift.
     "forget-bias": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm",
-                        memory_forget_bias=3.0),
+                        memory_forget_bias=3.0, memory_write_shift=1),
     # N = 192 > d = 128: slots past d start as sign rows the HF file computes on its own.
     "identity-signs": dict(flavor="debug", memory_slots=192, memory_init="identity-signs"),
 }

@@ -22,14 +22,14 @@ def _single_thread(one_thread):
 
 
 def _model(window=32, write="attention", chunk=16, slots=16, prefill=None, memory_layers=None, scores="dot",
-           init="identity"):
+           init="identity", shift=0):
     torch.manual_seed(0)
     config = LM2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, memory_slots=slots, memory_heads=4,
         memory_chunk_size=chunk, memory_write=write, attention_window=window,
         prefill_piece_size=prefill, memory_layers=memory_layers, max_position_embeddings=4096,
-        memory_scores=scores, memory_init=init,
+        memory_scores=scores, memory_init=init, memory_write_shift=shift,
     )
     model = LM2ForCausalLM(config).eval()
     with torch.no_grad():  # memory weights large enough that the banks steer the logits
@@ -47,16 +47,18 @@ def _tokens(length, batch=2, seed=1):
 
 
 @pytest.mark.parametrize(
-    "window, write, slots, scores, init",
-    [(32, "attention", 16, "dot", "identity"), (None, "attention", 16, "dot", "identity"),
-     (32, "aligned", 16, "dot", "identity"), (32, "token", 16, "dot", "identity"),
-     (24, "attention", 8, "dot", "identity"), (32, "attention", 16, "qknorm", "identity"),
-     (32, "token", 16, "qknorm", "identity"), (32, "attention", 80, "dot", "identity-signs")],
+    "window, write, slots, scores, init, shift",
+    [(32, "attention", 16, "dot", "identity", 0), (None, "attention", 16, "dot", "identity", 0),
+     (32, "aligned", 16, "dot", "identity", 0), (32, "token", 16, "dot", "identity", 0),
+     (24, "attention", 8, "dot", "identity", 0), (32, "attention", 16, "qknorm", "identity", 0),
+     (32, "token", 16, "qknorm", "identity", 0), (32, "attention", 80, "dot", "identity-signs", 0),
+     (32, "token", 16, "qknorm", "identity", 1), (32, "attention", 16, "dot", "identity", 2)],
 )
-def test_greedy_with_cache_equals_full_recompute(window, write, slots, scores, init):
+def test_greedy_with_cache_equals_full_recompute(window, write, slots, scores, init, shift):
     """45-token prompt (3 prefill pieces), 40 new tokens: decoding crosses memory chunk
-    boundaries (every 16 tokens) and attention segment boundaries. identity-signs: N = 80 > d."""
-    model = _model(window=window, write=write, slots=slots, scores=scores, init=init)
+    boundaries (every 16 tokens) and attention segment boundaries. identity-signs: N = 80 > d.
+    shift: the write's tokens are summed with the ones before them, a chunk written token by token."""
+    model = _model(window=window, write=write, slots=slots, scores=scores, init=init, shift=shift)
     prompt = _tokens(45)
     kwargs = dict(max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True,
                   pad_token_id=0)

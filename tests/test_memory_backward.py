@@ -73,9 +73,13 @@ def _rel(a, b):
         dict(memory_write="aligned", memory_slots=8, memory_scores="qknorm", memory_init="learned"),
         dict(memory_forget_bias=2.0),
         dict(memory_write="token", memory_slots=8, memory_scores="qknorm", memory_forget_bias=2.0),
+        dict(memory_write_shift=2),
+        dict(memory_write="token", memory_slots=8, memory_scores="qknorm", memory_forget_bias=2.0,
+             memory_write_shift=1),
     ],
     ids=["attention", "aligned", "token", "token-bptt2", "learned", "slots>d", "bptt2", "qknorm",
-         "qknorm-token", "qknorm-aligned-learned", "forget-bias", "qknorm-token-forget-bias"],
+         "qknorm-token", "qknorm-aligned-learned", "forget-bias", "qknorm-token-forget-bias", "shift2",
+         "qknorm-token-forget-bias-shift1"],
 )
 def test_gradients_equal_float64_reference(overrides):
     cfg, module = _memory(**overrides)
@@ -93,7 +97,8 @@ def test_gradients_equal_float64_reference(overrides):
         assert _rel(out.detach(), ref_out) < 1e-10
         return
     ref_out, _ = memory_reference(ref_tokens, leaves, HEADS, 8, cfg.memory_write,
-                                  qk_norm=cfg.memory_scores == "qknorm", forget_bias=cfg.memory_forget_bias)
+                                  qk_norm=cfg.memory_scores == "qknorm", forget_bias=cfg.memory_forget_bias,
+                                  shift=cfg.memory_write_shift)
     (ref_out * weight).sum().backward()
     assert _rel(out.detach(), ref_out.detach()) < 1e-10
     assert _rel(tokens.grad, ref_tokens.grad) < 1e-10

@@ -79,6 +79,37 @@ def test_forget_bias_equals_float64_reference(write):
     assert biased > float(module.gate_stats["forget"]) + 0.2
 
 
+@pytest.mark.parametrize("write, scores", [("attention", "dot"), ("token", "qknorm"), ("token", "dot")])
+@pytest.mark.parametrize("shift", [1, 3])
+def test_write_shift_equals_float64_reference(write, scores, shift):
+    """memory_write_shift = k: the write takes e_t + ... + e_(t-k) within the chunk (the values
+    of the attention write, the content and gates of the token write); the read keeps e_t."""
+    slots = 12 if write == "attention" else 8
+    cfg, module = _memory(memory_write=write, memory_slots=slots, memory_scores=scores, memory_write_shift=shift)
+    _qknorm_scales(module)
+    tokens = torch.randn(40, 3, 64, dtype=torch.float64)
+    with carry_memory(module):
+        out, _ = module(tokens)
+        bank = memory_banks(module)[1]
+    w = weights_of(module, cfg.memory_heads)
+    qk = scores == "qknorm"
+    ref_out, ref_bank = memory_reference(tokens, w, cfg.memory_heads, cfg.memory_chunk_size, write,
+                                         qk_norm=qk, shift=shift)
+    assert _rel_err(out, ref_out) < 1e-10
+    assert _rel_err(bank, ref_bank) < 1e-10
+    plain_out, plain_bank = memory_reference(tokens, w, cfg.memory_heads, cfg.memory_chunk_size, write, qk_norm=qk)
+    assert _rel_err(plain_bank, ref_bank) > 1e-2 and _rel_err(plain_out, ref_out) > 1e-3
+
+
+def test_write_shift_is_refused_where_it_means_nothing():
+    from megatron_lm2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="memory_write_shift"):
+        _memory(memory_write="aligned", memory_slots=8, memory_write_shift=1)
+    with pytest.raises(ConfigError, match="memory_write_shift"):
+        _memory(memory_write_shift=8)  # chunk 8: a token has at most 7 before it in its chunk
+
+
 def test_ragged_last_chunk_and_carried_bank_match_reference():
     cfg, module = _memory()
     first = torch.randn(40, 2, 64, dtype=torch.float64)
@@ -95,9 +126,12 @@ def test_ragged_last_chunk_and_carried_bank_match_reference():
 
 
 @pytest.mark.parametrize("scores", ["dot", "qknorm"])
-@pytest.mark.parametrize("write", ["attention", "token", "aligned"])
-def test_streaming_in_uneven_calls_equals_one_call(write, scores):
-    cfg, module = _memory(memory_write=write, memory_slots=8, memory_scores=scores)
+@pytest.mark.parametrize("write, shift", [("attention", 0), ("token", 0), ("aligned", 0), ("attention", 2),
+                                          ("token", 2)])
+def test_streaming_in_uneven_calls_equals_one_call(write, scores, shift):
+    """Pieces that split chunks (5, 14, 1, 20 tokens): a held partial chunk is written when it
+    completes, its shifted tokens included, exactly as in one call."""
+    cfg, module = _memory(memory_write=write, memory_slots=8, memory_scores=scores, memory_write_shift=shift)
     _qknorm_scales(module)
     tokens = torch.randn(40, 2, 64, dtype=torch.float64)
     with carry_memory(module):

@@ -67,19 +67,22 @@ def test_study_shift_equals_float64_reference(write):
     assert ((out - plain).abs().max() / ref.abs().max()).item() > 1e-3
 
 
-@pytest.mark.parametrize("write, forget_bias", [("attention", 0.0), ("token", 0.0), ("qknorm", 0.0),
-                                                 ("qknorm-token", 0.0), ("attention", 2.5), ("qknorm-token", 2.5)])
-def test_study_write_equals_the_module(write, forget_bias):
+@pytest.mark.parametrize("write, forget_bias, shift", [
+    ("attention", 0.0, 0), ("token", 0.0, 0), ("qknorm", 0.0, 0), ("qknorm-token", 0.0, 0), ("attention", 2.5, 0),
+    ("qknorm-token", 2.5, 0), ("qknorm-token", 2.5, 1), ("attention", 0.0, 2)])
+def test_study_write_equals_the_module(write, forget_bias, shift):
     """Each study mode the module has is the module's own computation (qknorm: memory_scores
-    'qknorm', the same parameter names; --forget-bias: memory_forget_bias), so the study's numbers
-    are the module's."""
+    'qknorm', the same parameter names; --forget-bias: memory_forget_bias; --shift:
+    memory_write_shift), so the study's numbers are the module's."""
     token = write.endswith("token")
     slots = 8 if token else 6
     knobs = dict(memory_write="token" if token else "attention",
                  memory_scores="qknorm" if write.startswith("qknorm") else "dot")
-    module_model, spec = ms.build(_cfg(write="module", slots=slots, forget_bias=forget_bias, **knobs), 0)
-    study_model, _ = ms.build(_cfg(write=write, slots=slots, forget_bias=forget_bias), 0)
+    module_model, spec = ms.build(_cfg(write="module", slots=slots, forget_bias=forget_bias, shift=shift, **knobs), 0)
+    study_model, _ = ms.build(_cfg(write=write, slots=slots, forget_bias=forget_bias, shift=shift), 0)
     assert _memory_of(study_model).config.memory_forget_bias == forget_bias
+    assert _memory_of(module_model).config.memory_write_shift == shift
+    assert _memory_of(study_model).config.memory_write_shift == 0  # the study's forward does the shift
     for m in (module_model, study_model):
         m.double()
     with torch.no_grad():
@@ -261,6 +264,27 @@ def test_vanilla_twin_has_no_path_across_the_window(task, chunk, extra):
                                   for batch in (a, mixed)]
     assert torch.equal(*logits["vanilla"])
     assert (logits["lm2"][0] - logits["lm2"][1]).abs().max() > 1e-3
+
+
+def test_full_attention_twin_sees_the_facts_and_is_no_memory_model():
+    """--models full: the vanilla flavor with causal attention over the whole sample, the bound
+    for what this model and budget learn when attention can see the facts. It has no memory, no
+    window, and its answer logits depend on chunk 0 (the vanilla twin's do not: the test above)."""
+    model, spec = ms.build(_cfg(task="mqar", chunk=32, slots=32, pairs=4, model="full", write="none"), 0)
+    assert not ms.memory_modules(model) and model.config.attention_window is None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    a, b = make_batch(spec, 4, 1), make_batch(spec, 4, 2)
+    mixed = ms.TaskBatch(torch.cat([b.tokens[:, :spec.chunk], a.tokens[:, spec.chunk:]], 1), a.labels,
+                         a.loss_mask, a.fact_mask)
+    asked = a.loss_mask.bool()
+    with torch.no_grad():
+        same, other = (ms._forward(model, batch, None)[asked] for batch in (a, mixed))
+    assert (same - other).abs().max() > 1e-3
+    assert ms._label(dict(model="full", write="none")) == "vanilla, full attention"
+    with pytest.raises(SystemExit, match="unknown model 'oracle'"):
+        list(ms.configs_of(ms.parse_args(["--models", "lm2,oracle"])))
 
 
 def test_a_plan_runs_side_by_side_skips_what_is_done_and_names_a_bad_line(tmp_path, capsys):

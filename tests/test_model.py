@@ -35,10 +35,12 @@ def _logits(model, tokens, mask=None):
 
 
 @pytest.mark.parametrize("scores", ["dot", "qknorm"])
-@pytest.mark.parametrize("write", ["attention", "token", "aligned"])
-def test_causal_across_chunks_float64(write, scores):
+@pytest.mark.parametrize("write, shift", [("attention", 0), ("token", 0), ("aligned", 0), ("attention", 1),
+                                          ("token", 2)])
+def test_causal_across_chunks_float64(write, scores, shift):
     slots = {"attention": SMALL["memory_slots"]}.get(write, SMALL["memory_chunk_size"])
-    cfg, model = _model(torch.float64, memory_write=write, memory_slots=slots, memory_scores=scores)
+    cfg, model = _model(torch.float64, memory_write=write, memory_slots=slots, memory_scores=scores,
+                        memory_write_shift=shift)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length))
     with torch.no_grad():
         base = _logits(model, tokens)

@@ -179,9 +179,10 @@ def test_parallel_equals_single_process(reference, initial_weights, tp, pp):
 
 def test_qknorm_memory_parallel_equals_single_process(tmp_path):
     """qk-norm scores (learned per-head scales for the read and the write, sharded with the
-    heads) and a forget-gate bias (added to each rank's forget columns of the fused gate GEMM)
-    train the same at TP = 2 x PP = 2 as in one process."""
-    qknorm = dict(memory_scores="qknorm", memory_logit_scale=4.0, memory_forget_bias=2.0)
+    heads), a forget-gate bias (added to each rank's forget columns of the fused gate GEMM) and a
+    write shift (on the replicated tokens, before the write's columns are scattered) train the
+    same at TP = 2 x PP = 2 as in one process."""
+    qknorm = dict(memory_scores="qknorm", memory_logit_scale=4.0, memory_forget_bias=2.0, memory_write_shift=1)
     (reference,) = run_distributed(_train, 1, str(tmp_path), True, STEPS, qknorm)
     results = run_distributed(_train, 4, str(tmp_path), False, STEPS, qknorm, tp=2, pp=2)
     _assert_same_training(results, reference, 2, 2)

@@ -105,8 +105,9 @@ def test_depth_knob_and_memory_rules_are_switchable():
     assert chunks4.memory_chunk_size == 512
     qknorm = make_rung("lm2", 1024, model, ladder, MemorySection(scores="qknorm")).config()
     assert qknorm.memory_scores == "qknorm" and proportional.memory_scores == "dot"
-    biased = make_rung("lm2", 1024, model, ladder, MemorySection(forget_bias=3.0)).config()
+    biased = make_rung("lm2", 1024, model, ladder, MemorySection(forget_bias=3.0, write_shift=1)).config()
     assert biased.memory_forget_bias == 3.0 and proportional.memory_forget_bias == 0.0
+    assert biased.memory_write_shift == 1 and proportional.memory_write_shift == 0
     scales = 2 * qknorm.memory_heads * len(qknorm.memory_layer_numbers)  # read + write, per head and layer
     assert num_parameters(qknorm).total == num_parameters(proportional).total + scales
 

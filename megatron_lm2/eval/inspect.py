@@ -50,7 +50,9 @@ def read_attention(module: LM2Memory, hidden_states: Tensor, start_bank: Optiona
     h, dh = module.num_heads, module.head_dim
     lo = module.tp_rank * module.local_hidden
     query = module.linear_q(hidden_states)[0].view(seq_len, batch, h, dh)
-    token_values = hidden_states[..., lo:lo + module.local_hidden].view(seq_len, batch, h, dh)
+    # The written chunks (every one but the last) as the write takes them (memory_write_shift).
+    written = module.write_tokens(hidden_states[: module.chunk_size * ((seq_len - 1) // module.chunk_size)])
+    token_values = written[..., lo:lo + module.local_hidden].reshape(written.shape[0], batch, h, dh)
     bank = start_bank if start_bank is not None else \
         module.initial_bank.to(hidden_states.dtype).unsqueeze(0).expand(batch, -1, -1)
     probs, reads = [], []
@@ -66,7 +68,7 @@ def read_attention(module: LM2Memory, hidden_states: Tensor, start_bank: Optiona
         reads.append(torch.einsum("bhcn,bnhe->cbhe", p.to(value.dtype), value))
         if end < seq_len:  # the module's own write (Eq. 4-6), so the banks are the forward's
             write_scores = module.scores(query[start:end], key, "write") if module.write_mode == "attention" else None
-            bank, _ = module._write(bank, write_scores, token_values[start:end], hidden_states[start:end], reads[-1])
+            bank, _ = module._write(bank, write_scores, token_values[start:end], written[start:end], reads[-1])
     attention = torch.cat(probs, dim=2)
     e_mem = torch.cat(reads, dim=0).reshape(seq_len, batch, module.local_hidden)
     return attention, e_mem

@@ -112,7 +112,7 @@ def memory_shape(memory: MemorySection, hidden: int, layers: int, seq_length: in
     shape = dict(memory_slots=slots, memory_heads=heads,
                  memory_chunk_size=seq_length // memory.chunks_per_sequence,
                  memory_write=memory.write, memory_init=memory.init, memory_scores=memory.scores,
-                 memory_forget_bias=memory.forget_bias)
+                 memory_forget_bias=memory.forget_bias, memory_write_shift=memory.write_shift)
     numbers = memory_layer_numbers(memory.layers, layers)
     if numbers is None:
         numbers = None if base_layers is None else tuple(range(1, layers + 1))

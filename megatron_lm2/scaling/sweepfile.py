@@ -72,6 +72,7 @@ class MemorySection:
     init: str = field(default="identity", metadata=_choice(MEMORY_INIT_MODES))
     scores: str = field(default="dot", metadata=_choice(MEMORY_SCORE_MODES))
     forget_bias: float = 0.0  # memory_forget_bias: the forget gate's constant logit offset
+    write_shift: int = 0  # memory_write_shift: each written token plus the k before it in its chunk
 
 
 @dataclass(kw_only=True)

@@ -28,6 +28,8 @@ class LM2Config(PretrainedConfig):
         and slot keys times a learned per-head scale (read_logit_scale, and write_logit_scale
         for the attention write), initialised to memory_logit_scale.
     memory_forget_bias: a constant added to the forget gate's logits (0 = the paper's gate).
+    memory_write_shift: k; the attention and token writes take each token plus the k tokens before
+        it in its chunk (0 = the token alone).
     prefill_piece_size: with a cache, a prompt longer than this is consumed in pieces of this
         many tokens (streaming prefill); None = memory_chunk_size. (Not named
         prefill_chunk_size: generate() would take that for its own chunked prefill.)
@@ -63,6 +65,7 @@ class LM2Config(PretrainedConfig):
         memory_scores="dot",
         memory_logit_scale=10.0,
         memory_forget_bias=0.0,
+        memory_write_shift=0,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
@@ -89,6 +92,7 @@ class LM2Config(PretrainedConfig):
         self.memory_scores = memory_scores
         self.memory_logit_scale = float(memory_logit_scale)
         self.memory_forget_bias = float(memory_forget_bias)
+        self.memory_write_shift = int(memory_write_shift)
         self.memory_layers = None if memory_layers is None else sorted(int(n) for n in memory_layers)
         self.attention_window = attention_window
         self.prefill_piece_size = prefill_piece_size

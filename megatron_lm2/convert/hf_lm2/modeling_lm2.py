@@ -20,7 +20,9 @@ bank is written from its C tokens:
                         M <- sigmoid(E W_in) * tanh(E) + sigmoid(E W_forget) * M
            'aligned'  : slot i <- token i (N = C)
                         M <- sigmoid(E W_in) * tanh(E_mem) + sigmoid(E_mem W_forget) * M
-           every forget gate's logits plus the constant b = `memory_forget_bias` (0 by default)
+           every forget gate's logits plus the constant b = `memory_forget_bias` (0 by default);
+           with `memory_write_shift` k the attention and token writes take, for E, each token of
+           the chunk plus the k tokens before it in the chunk (E_i + ... + E_(i-k))
     M_0    slot i = e_i (zeros past d); 'identity-signs': slots past d are fixed +-1/sqrt(d) rows;
            'learned': a parameter
 
@@ -287,6 +289,7 @@ class LM2MemoryBlock(nn.Module):
         self.qk_norm = config.memory_scores == "qknorm"
         self.logit_scale_init = config.memory_logit_scale
         self.forget_bias = float(getattr(config, "memory_forget_bias", 0.0))  # configs exported before it: 0
+        self.write_shift = int(getattr(config, "memory_write_shift", 0))  # likewise
         if self.qk_norm:
             self.read_logit_scale = nn.Parameter(torch.full((self.num_heads,), self.logit_scale_init))
             if self.write_mode == "attention":
@@ -317,6 +320,9 @@ class LM2MemoryBlock(nn.Module):
     def _write(self, bank, queries, tokens, reads):
         """Eq. 4-6 for one complete chunk: M <- g_in * tanh(U) + g_forget * M."""
         batch = bank.shape[0]
+        if self.write_shift and self.write_mode != "aligned":
+            # Each token plus the write_shift tokens before it in this chunk: a value with its key.
+            tokens = tokens + sum(F.pad(tokens[:, :-k], (0, 0, k, 0)) for k in range(1, self.write_shift + 1))
         if self.write_mode == "attention":
             scores = self._scores(queries, bank, self.write_logit_scale if self.qk_norm else None)
             attn = torch.softmax(scores.transpose(-1, -2).float(), dim=-1).to(tokens.dtype)
