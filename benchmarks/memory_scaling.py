@@ -437,7 +437,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
     t0 = time.time()
     model, spec = build(cfg_args, seed)
     device = _device(model)
-    mask = attention_mask(spec.seq_length, None if cfg_args["model"] == "full" else spec.chunk, device)
+    mask = attention_mask(spec.seq_length, model.config.attention_window, device)  # build() chose the window
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                   eps=cfg_args.get("adam_eps", DEFAULT_EPS))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
@@ -510,7 +510,7 @@ def train_one(cfg_args: dict, seed: int, args) -> dict:
                losses=[round(x, 4) for x in losses], grad_norms=[None if g is None else round(g, 4) for g in grad_curve],
                diagnostics=diagnostics, seconds=time.time() - t0, train_seconds=train_seconds,
                eval_seconds=eval_seconds)
-    if memory_modules(model) or cfg_args["model"] == "full":  # the models with a path to the facts
+    if cfg_args["model"] != "vanilla":  # the models with a path to the facts
         run["without_facts_accuracy"] = accuracy(model, without_facts(spec, held_out, EVAL_SEED + 1), mask)
         if spec.name != "twohop":  # does the answer depend on the asked key? (chance if it does)
             run["other_key_accuracy"] = accuracy(model, with_other_keys(spec, held_out, EVAL_SEED + 2), mask)
