@@ -62,7 +62,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout (a GPU box)
 from megatron_lm2.fileio import atomic_path, write_text_atomic  # noqa: E402
 from megatron_lm2.eval.memory_tasks import TaskBatch, TaskSpec, make_batch, with_other_keys, without_facts  # noqa: E402
-from megatron_lm2.config import MEMORY_INIT_MODES  # noqa: E402
+from megatron_lm2.config import MEMORY_INIT_MODES, MEMORY_QK_INIT_MODES  # noqa: E402
 from megatron_lm2.memory import chunk_shift_sum  # noqa: E402
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
@@ -74,9 +74,11 @@ DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
 DEFAULT_FORGET_BIAS = 0.0  # the paper's gates have no bias; runs recorded before --forget-bias had none
 DEFAULT_SHIFT = 0  # the write's tokens alone; runs recorded before --shift had no shift
 DEFAULT_INIT = "identity"  # M_0; runs recorded before --init had the paper's identity
+DEFAULT_QK_INIT = "independent"  # W_K drawn on its own; runs recorded before --qk-init had that
 # Config keys added after runs were recorded: (key, what a record without it used, checkpoint-name tag).
 LATER_KEYS = (("adam_eps", DEFAULT_EPS, "eps"), ("forget_bias", DEFAULT_FORGET_BIAS, "fb"),
-              ("shift", DEFAULT_SHIFT, "sh"), ("init", DEFAULT_INIT, "m0"))
+              ("shift", DEFAULT_SHIFT, "sh"), ("init", DEFAULT_INIT, "m0"),
+              ("qk_init", DEFAULT_QK_INIT, "qk"))
 
 
 def parse_args(argv=None):
@@ -105,6 +107,9 @@ def parse_args(argv=None):
                         "holds a token with the tokens before it: a key next to its value")
     p.add_argument("--init", default=DEFAULT_INIT, choices=MEMORY_INIT_MODES,
                    help="memory_init: M_0 (identity-signs: slots past d start as distinct sign vectors, not zeros)")
+    p.add_argument("--qk-init", default=DEFAULT_QK_INIT, choices=MEMORY_QK_INIT_MODES,
+                   help="memory_qk_init: tied = every memory head's key projection starts as its query projection, "
+                        "so a token's query matches the slots that hold the same content from step 0")
     p.add_argument("--adam-eps", type=float, default=1e-8,
                    help="AdamW eps (the plateau's linear_q gradients are ~1e-9 per weight, below 1e-8)")
     p.add_argument("--eval-every", type=int, default=50)
@@ -278,6 +283,7 @@ def build(cfg_args: dict, seed: int):
                         memory_scores=cfg_args.get("memory_scores") or "dot",
                         memory_forget_bias=cfg_args.get("forget_bias", DEFAULT_FORGET_BIAS),
                         memory_init=cfg_args.get("init", DEFAULT_INIT),
+                        memory_qk_init=cfg_args.get("qk_init", DEFAULT_QK_INIT),
                         # `module` runs the module's shift; the study's forward shifts on its own
                         memory_write_shift=cfg_args.get("shift", DEFAULT_SHIFT) if cfg_args["write"] == "module" else 0)
     torch.manual_seed(seed)
@@ -893,7 +899,7 @@ def configs_of(args):
                     hops=args.hops if args.task == "persist" else 1, model=model_kind,
                     write=write, **logit_scales(write, args),
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, adam_eps=args.adam_eps,
-                    forget_bias=args.forget_bias, shift=args.shift, init=args.init)
+                    forget_bias=args.forget_bias, shift=args.shift, init=args.init, qk_init=args.qk_init)
         for seed in (int(s) for s in args.seeds.split(",")):
             yield base, seed
 

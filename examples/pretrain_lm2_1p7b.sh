@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LM2-1.7B with the paper's recipe on ONE node (8 GPUs by default), no slurm:
+# LM2-1.7B (the paper's decoder, the study's memory) on ONE node (8 GPUs by default), no slurm:
 #
 #   DATA_PATH=/data/lm2/shards CHECKPOINT_DIR=/data/lm2/ckpt bash examples/pretrain_lm2_1p7b.sh
 #   GPUS=4 GLOBAL_BATCH_SIZE=128 bash examples/pretrain_lm2_1p7b.sh
@@ -12,7 +12,8 @@ GPUS=${GPUS:-8}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-$PWD/checkpoints/lm2-1p7b}
 DATA_PATH=${DATA_PATH:?set DATA_PATH to an lm2-preprocess output directory (manifest.json + blend.json)}
 
-MODEL_ARGS=(--flavor lm2-1.7b --seq-length 2048 --memory-chunk-size 1024 --bf16
+# The flavor carries the recipe's memory (docs/memory.md, "Decision (session 12)").
+MODEL_ARGS=(--flavor lm2-1.7b --seq-length 2048 --bf16
             --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
 TRAINING_ARGS=(--micro-batch-size "${MICRO_BATCH_SIZE:-4}" --global-batch-size "${GLOBAL_BATCH_SIZE:-256}"
                --train-iters "${TRAIN_ITERS:-100000}" --lr 2e-4 --min-lr 2e-5 --lr-warmup-iters 700

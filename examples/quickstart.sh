@@ -28,7 +28,7 @@ mkdir -p "$out"
 lm2_corpus_to_shards "$py" "$out" "[quickstart]" 7  # 1/7 corpus, 2/7 shards
 
 echo "[quickstart] 3/7 training the debug LM2 ($steps steps, CPU)"
-MODEL_ARGS=(--flavor debug --seq-length 256 --memory-chunk-size 64)
+MODEL_ARGS=(--flavor lm2-debug --seq-length 256)  # the recipes' memory at debug size: 4 chunks of 64
 TRAINING_ARGS=(--micro-batch-size 4 --global-batch-size 8 --train-iters "$steps"
                --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters "$warmup" --seed 1234)
 DATA_ARGS=(--data-path "$out/shards" --split 98,2,0)

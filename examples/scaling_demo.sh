@@ -48,6 +48,13 @@ ffn_ratio = 4.0
 ffn_multiple = 16
 
 [memory]
+# The paper's attention write, as when benchmarks/scaling_demo.md was recorded (the recipes' token
+# write is the sweep file's default since issue 10, session 12).
+write = "attention"
+scores = "dot"
+forget_bias = 0.0
+write_shift = 0
+qk_init = "independent"
 slots_rule = "proportional"
 slots_per_width = 1.0
 heads_rule = "head_dim"

@@ -31,6 +31,9 @@ MEMORY_INIT_MODES = ("identity", "learned", "identity-signs")
 # their cosine times a learned per-head logit scale (one for the read, one for the attention
 # write), initialised to memory_logit_scale. docs/memory.md, issue 10.
 MEMORY_SCORE_MODES = ("dot", "qknorm")
+# independent: W_K drawn like every weight; tied: each memory head's W_K starts as a copy of its W_Q,
+# so a token's query matches the slots holding its own content from step 0 (issue 10, session 12).
+MEMORY_QK_INIT_MODES = ("independent", "tied")
 
 
 class ConfigError(UserInputError):
@@ -118,6 +121,13 @@ class LM2Config(TransformerConfig):
                                    "its chunk, E_i + ... + E_(i-k), so a value's slot also holds its key "
                                    "(0 = the token alone; attention and token writes)",
                                    hf=True, optional_in_record=True)
+    # A content-match prior: with qk-norm scores and a write shift, the question's key finds the slot
+    # that holds the key next to its value before anything is learned (issue 10, session 12). Only the
+    # initial weights differ, so checkpoints and the HF export carry it without a field of their own.
+    memory_qk_init: str = knob("independent", "how the memory's key projection starts: 'independent' (drawn "
+                               "like every weight) or 'tied' (each head's W_K a copy of its W_Q, so tokens "
+                               "first read the slots that hold their own content)",
+                               choices=MEMORY_QK_INIT_MODES, optional_in_record=True)
     # None = every layer, () = none (the vanilla twin).
     memory_layers: Optional[Tuple[int, ...]] = knob(
         None, "1-based block numbers that carry a memory bank (default: every block; for none, use "
@@ -197,6 +207,9 @@ class LM2Config(TransformerConfig):
         if self.memory_scores not in MEMORY_SCORE_MODES:
             raise ConfigError(f"{{memory_scores}}: expected one of {MEMORY_SCORE_MODES}",
                               memory_scores=self.memory_scores)
+        if self.memory_qk_init not in MEMORY_QK_INIT_MODES:
+            raise ConfigError(f"{{memory_qk_init}}: expected one of {MEMORY_QK_INIT_MODES}",
+                              memory_qk_init=self.memory_qk_init)
         if not self.memory_logit_scale > 0:
             raise ConfigError("{memory_logit_scale} must be > 0", memory_logit_scale=self.memory_logit_scale)
         if self.memory_slots < 1:

@@ -331,6 +331,8 @@ class LM2Memory(MegatronModule):
         self.linear_q = column(submodules.linear_q, d, "mem_q")
         # Output rows are laid out per head as [k_h; v_h], so a rank's slice holds whole heads.
         self.linear_kv = column(submodules.linear_kv, 2 * d, "mem_kv")
+        if config.memory_qk_init == "tied":
+            self._tie_keys_to_queries()
         self.linear_out_gate = column(submodules.linear_out_gate, d, "mem_out_gate")
         if self.write_mode in ("attention", "token"):
             # Both gates read the write content U (the token itself for "token"): one GEMM.
@@ -391,6 +393,15 @@ class LM2Memory(MegatronModule):
         if self.write_mode in ("attention", "token"):
             self._register_state_dict_hook(LM2Memory._split_gates)
             self._register_load_state_dict_pre_hook(self._fuse_gates, with_module=False)
+
+    @torch.no_grad()
+    def _tie_keys_to_queries(self) -> None:
+        """memory_qk_init="tied": every head's W_K := its W_Q (linear_kv's rows are [k_h; v_h] per
+        head; a TP rank holds whole heads of both, so the copy is local and the same at any TP).
+        Called after both are drawn, so every other weight is what "independent" gives."""
+        d = self.config.hidden_size
+        queries = self.linear_q.weight.view(self.num_heads, self.head_dim, d)
+        self.linear_kv.weight.view(self.num_heads, 2, self.head_dim, d)[:, 0].copy_(queries)
 
     def __getattr__(self, name: str):
         if name in LM2Memory._GATE_NAMES:

@@ -51,12 +51,11 @@ if [[ -z "${DATA_PATH:-}" ]]; then
 fi
 if [[ -n "${VENV:-}" ]]; then source "$VENV"; fi
 
-# The paper's LM2-1.7B: 16 blocks, d 2048, 2048 memory slots; 2048-token sequences in two
-# memory chunks of 1024 (the second half reads what the first half wrote).
+# The paper's LM2-1.7B decoder (16 blocks, d 2048) with the recipe's memory (the flavor carries
+# it: token write, N = C = 512, so a 2048-token sequence is four chunks; docs/memory.md).
 MODEL_ARGS=(
     --flavor lm2-1.7b
     --seq-length 2048
-    --memory-chunk-size 1024
     --bf16
     --tensor-model-parallel-size "${TP:-1}"
     --pipeline-model-parallel-size "${PP:-1}"

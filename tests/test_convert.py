@@ -33,9 +33,10 @@ VARIANTS = {
     "learned": dict(flavor="debug", memory_init="learned", memory_layers=(2, 3), memory_write_shift=2),
     "qknorm": dict(flavor="debug", memory_scores="qknorm"),
     "qknorm-token": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm"),
-    # The study's association config: the token write with qknorm, a forget bias and a write shift.
+    # The study's association config: the token write with qknorm, a forget bias, a write shift and
+    # keys tied to queries at init (the recipes' memory since issue 10, session 12).
     "forget-bias": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm",
-                        memory_forget_bias=3.0, memory_write_shift=1),
+                        memory_forget_bias=3.0, memory_write_shift=1, memory_qk_init="tied"),
     # N = 192 > d = 128: slots past d start as sign rows the HF file computes on its own.
     "identity-signs": dict(flavor="debug", memory_slots=192, memory_init="identity-signs"),
 }

@@ -86,6 +86,30 @@ def test_te_spec_matches_local_spec(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.te
+def test_te_spec_ties_keys_and_runs_the_recipes_memory(tmp_path):
+    """The recipes' memory (token write, qk-norm, shift, forget bias, tied W_K) on TE's linears:
+    W_K starts as W_Q in TE's weights too, and the same checkpoint gives the local spec's logits."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_lm2.flavors import recipe_memory
+
+    cfg = get_flavor("debug", **{**SMALL, **recipe_memory(16)})
+    torch.manual_seed(0)
+    te = build_model(cfg, backend="te").cuda().eval()
+    memory = next(m for m in te.modules() if type(m).__name__ == "LM2Memory")
+    h, dh, d = memory.num_heads, memory.head_dim, cfg.hidden_size
+    assert torch.equal(memory.linear_kv.weight.view(h, 2, dh, d)[:, 0], memory.linear_q.weight.view(h, dh, d))
+    dist_checkpointing.save(te.sharded_state_dict(), str(tmp_path))
+    local = build_model(cfg).cuda().eval()
+    local.load_state_dict(dist_checkpointing.load(local.sharded_state_dict(), str(tmp_path)))
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length), device="cuda")
+    with torch.no_grad():
+        diff = (_logits(te, tokens) - _logits(local, tokens)).abs().max().item()
+    assert diff < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.te
 def test_te_spec_fp8_forward_backward():
     from megatron.core.fp8_utils import get_fp8_context
 

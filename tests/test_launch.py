@@ -48,7 +48,7 @@ def test_slurm_dry_run_prints_layout_and_command():
     assert command.startswith(
         "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint ${MASTER_ADDR}:${MASTER_PORT} "
         "--rdzv-id ${SLURM_JOB_ID} -m megatron_lm2.train --flavor lm2-1.7b --seq-length 2048 "
-        "--memory-chunk-size 1024 --bf16 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 "
+        "--bf16 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 "
         "--micro-batch-size 4 --global-batch-size 256 --train-iters 100000 --lr 2e-4 --min-lr 2e-5 "
         "--lr-warmup-iters 700 --lr-decay-style cosine --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 "
         "--clip-grad 1.0 --seed 1234 --data-path /data/lm2/shards")

@@ -203,6 +203,43 @@ def test_identity_signs_module_equals_float64_reference(write):
     assert _rel_err(plain_out[:chunk], ref_out[:chunk]) > 1e-3
 
 
+def _built_memory(**overrides):
+    """An LM2Memory as the model builds it (its own initialisation, seed 0): debug shapes, 4 heads."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.specs import get_memory_local_spec
+
+    cfg = get_flavor("debug", hidden_size=64, num_attention_heads=4, memory_heads=4, memory_slots=8,
+                     memory_chunk_size=8, seq_length=32, **overrides)
+    torch.manual_seed(0)
+    return cfg, build_module(get_memory_local_spec(), config=cfg, layer_number=1)
+
+
+@pytest.mark.parametrize("write", ["attention", "token"])
+def test_tied_qk_init_starts_each_heads_keys_as_its_queries(write):
+    """memory_qk_init="tied": W_K of head h (linear_kv rows [k_h; v_h]) equals W_Q of head h; every
+    other weight, W_V included, is what the independent init draws from the same seed."""
+    _, plain = _built_memory(memory_write=write)
+    cfg, tied = _built_memory(memory_write=write, memory_qk_init="tied")
+    h, dh, d = cfg.memory_heads, cfg.memory_head_dim, cfg.hidden_size
+    kv, plain_kv = tied.linear_kv.weight.view(h, 2, dh, d), plain.linear_kv.weight.view(h, 2, dh, d)
+    assert torch.equal(kv[:, 0], tied.linear_q.weight.view(h, dh, d))
+    assert not torch.equal(plain_kv[:, 0], plain.linear_q.weight.view(h, dh, d))  # not so by chance
+    assert torch.equal(kv[:, 1], plain_kv[:, 1])
+    plain_state = plain.state_dict()
+    for name, value in tied.state_dict().items():
+        if name != "linear_kv.weight" and isinstance(value, torch.Tensor):
+            assert torch.equal(value, plain_state[name]), name
+
+
+def test_unknown_qk_init_is_refused_by_name():
+    from megatron_lm2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="memory_qk_init"):
+        _built_memory(memory_qk_init="shared")
+
+
 def test_truncated_backprop_keeps_values_and_cuts_gradient():
     cfg, full = _memory()
     _, cut = _memory(memory_bptt_chunks=2)

@@ -195,7 +195,7 @@ def test_record_must_name_every_field():
     older = {k: v for k, v in record.items() if k not in ("params_dtype", "attention_window", "memory_bptt_chunks")}
     config = config_from_dict(older)
     assert (config.params_dtype, config.attention_window, config.memory_bptt_chunks) == (torch.float32, None, None)
-    assert config.memory_slots == 2048  # the record's value, not a flavor's (debug has 32)
+    assert config.memory_slots == record["memory_slots"] == 512  # the record's value, not a flavor's (debug has 32)
 
 
 def test_old_checkpoint_flags_rebuild_without_the_flag_parser():

@@ -271,6 +271,34 @@ def test_memory_sequence_parallel_equals_tp1(write, scores):
         assert ((full - grad).norm() / grad.norm()) < bound, name
 
 
+def _tied_memory_weights():
+    """One memory layer built at TP = world size with memory_qk_init="tied" (CPU initialisation, as
+    the flavors build): this rank's W_Q and W_KV rows."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_lm2.flavors import get_flavor
+    from megatron_lm2.specs import get_memory_local_spec
+
+    cfg = get_flavor("debug", tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                     memory_qk_init="tied", **SMALL)
+    torch.manual_seed(0)
+    module = build_module(get_memory_local_spec(), config=cfg, layer_number=1)
+    return dict(q=module.linear_q.weight.detach().clone(), kv=module.linear_kv.weight.detach().clone(),
+                heads=module.num_heads, head_dim=module.head_dim)
+
+
+def test_tied_qk_init_is_the_same_at_any_tensor_parallel_size():
+    """Each rank ties its own heads' keys to their queries; together the shards are TP = 1's weights."""
+    (ref,) = run_distributed(_tied_memory_weights, 1)
+    shards = run_distributed(_tied_memory_weights, 2, tp=2)
+    for r in shards:
+        kv = r["kv"].view(r["heads"], 2, r["head_dim"], -1)
+        assert torch.equal(kv[:, 0], r["q"].view(r["heads"], r["head_dim"], -1))
+    assert torch.equal(torch.cat([r["q"] for r in shards]), ref["q"])
+    assert torch.equal(torch.cat([r["kv"] for r in shards]), ref["kv"])
+
+
 def _save_and_reload(checkpoint_dir, save):
     """Memory in a subset of layers (2 of 4) round-trips through dist_checkpointing at TP=2."""
     from megatron.core import dist_checkpointing, parallel_state as ps

@@ -9,9 +9,10 @@ The rule (defaults reproduce lm2-1.7b and llama-1.7b at width 2048, tests/test_s
 
 and for LM2 the memory, whose rules set the family's scaling exponent and so are explicit:
 
-    memory_slots        proportional: slots_per_width * hidden_size (1.0: 2048) | fixed: slots
+    memory_slots        chunk: = memory_chunk_size (the token write's N = C; the default) |
+                        proportional: slots_per_width * hidden_size | fixed: slots
     memory_heads        head_dim: hidden_size / memory head_dim (256: 8) | fixed: heads
-    memory_chunk_size   seq_length / chunks_per_sequence        (2: 1024; the ratio is fixed, so
+    memory_chunk_size   seq_length / chunks_per_sequence        (4: 512; the ratio is fixed, so
                         every rung writes its bank the same number of times per sequence)
     memory_layers       all | every:K | first:K | last:K
 
@@ -96,6 +97,8 @@ def memory_shape(memory: MemorySection, hidden: int, layers: int, seq_length: in
                  base_layers: Optional[Tuple[int, ...]]) -> dict:
     if memory.slots_rule == "proportional":
         slots = max(1, round(memory.slots_per_width * hidden))
+    elif memory.slots_rule == "chunk":
+        slots = seq_length // memory.chunks_per_sequence
     else:
         slots = memory.slots
     if memory.heads_rule == "head_dim":
@@ -112,7 +115,8 @@ def memory_shape(memory: MemorySection, hidden: int, layers: int, seq_length: in
     shape = dict(memory_slots=slots, memory_heads=heads,
                  memory_chunk_size=seq_length // memory.chunks_per_sequence,
                  memory_write=memory.write, memory_init=memory.init, memory_scores=memory.scores,
-                 memory_forget_bias=memory.forget_bias, memory_write_shift=memory.write_shift)
+                 memory_forget_bias=memory.forget_bias, memory_write_shift=memory.write_shift,
+                 memory_qk_init=memory.qk_init)
     numbers = memory_layer_numbers(memory.layers, layers)
     if numbers is None:
         numbers = None if base_layers is None else tuple(range(1, layers + 1))

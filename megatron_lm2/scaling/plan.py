@@ -239,6 +239,10 @@ def _memory_variant(memory, axis: str, value: str):
     if not value.isdigit() or int(value) < 1:
         raise SweepFileError(f"[[memory_sweep]] values: {value!r} is not a positive integer (axis {axis})")
     if axis == "slots":
+        if memory.write in ("token", "aligned"):
+            raise SweepFileError(f"[[memory_sweep]] axis 'slots': the {memory.write} write has one slot per chunk "
+                                 f"token (N = C); sweep axis = 'chunks_per_sequence', or set [memory] write = "
+                                 f"'attention' to vary the slots on their own")
         return dataclasses.replace(memory, slots_rule="fixed", slots=int(value))
     return dataclasses.replace(memory, chunks_per_sequence=int(value))
 

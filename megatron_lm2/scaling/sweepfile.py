@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_lm2.cli_errors import UserInputError
-from megatron_lm2.config import MEMORY_INIT_MODES, MEMORY_SCORE_MODES, MEMORY_WRITE_MODES
+from megatron_lm2.config import MEMORY_INIT_MODES, MEMORY_QK_INIT_MODES, MEMORY_SCORE_MODES, MEMORY_WRITE_MODES
+from megatron_lm2.flavors import RECIPE_CHUNK, recipe_memory
 
 FAMILIES = ("lm2", "vanilla")
 KNOBS = ("width", "depth")
-SLOTS_RULES = ("proportional", "fixed")
+SLOTS_RULES = ("proportional", "fixed", "chunk")  # chunk: N = C (the token write needs it)
 MEMORY_HEADS_RULES = ("head_dim", "fixed")
 BATCH_LR_RULES = ("deepseek", "fixed")
 DECAY_STYLES = ("cosine", "linear", "WSD")
@@ -57,22 +58,29 @@ class LadderSection:
     heads_per_group: int = 1  # attention heads per KV group (1 = MHA, as lm2-1.7b)
 
 
+_RECIPE = recipe_memory()  # the lm2-* flavors' memory: the defaults below reproduce lm2-1.7b
+
+
 @dataclass(kw_only=True)
 class MemorySection:
-    """How the memory scales with the ladder (ladder.py explains each rule)."""
-    slots_rule: str = field(default="proportional", metadata=_choice(SLOTS_RULES))
+    """How the memory scales with the ladder (ladder.py explains each rule). The defaults are the
+    recipes' memory (flavors.recipe_memory: token write, N = C); the paper's attention write is
+    write = "attention", scores = "dot", forget_bias = 0, write_shift = 0, qk_init = "independent"
+    with a slots rule of its own."""
+    slots_rule: str = field(default="chunk", metadata=_choice(SLOTS_RULES))
     slots_per_width: float = 1.0  # proportional: memory_slots = slots_per_width * hidden_size
     slots: int = 2048  # fixed: memory_slots
     heads_rule: str = field(default="head_dim", metadata=_choice(MEMORY_HEADS_RULES))
     head_dim: int = 256  # head_dim rule: memory_heads = hidden_size / head_dim (at least 1)
     heads: int = 8  # fixed rule
-    chunks_per_sequence: int = 2  # memory_chunk_size = seq_length / this
+    chunks_per_sequence: int = 2048 // RECIPE_CHUNK  # memory_chunk_size = seq_length / this
     layers: str = "all"  # "all" | "every:K" | "first:K" | "last:K"
-    write: str = field(default="attention", metadata=_choice(MEMORY_WRITE_MODES))
+    write: str = field(default=_RECIPE["memory_write"], metadata=_choice(MEMORY_WRITE_MODES))
     init: str = field(default="identity", metadata=_choice(MEMORY_INIT_MODES))
-    scores: str = field(default="dot", metadata=_choice(MEMORY_SCORE_MODES))
-    forget_bias: float = 0.0  # memory_forget_bias: the forget gate's constant logit offset
-    write_shift: int = 0  # memory_write_shift: each written token plus the k before it in its chunk
+    scores: str = field(default=_RECIPE["memory_scores"], metadata=_choice(MEMORY_SCORE_MODES))
+    forget_bias: float = _RECIPE["memory_forget_bias"]  # memory_forget_bias: the forget gate's logit offset
+    write_shift: int = _RECIPE["memory_write_shift"]  # memory_write_shift: each written token plus the k before it
+    qk_init: str = field(default=_RECIPE["memory_qk_init"], metadata=_choice(MEMORY_QK_INIT_MODES))  # memory_qk_init
 
 
 @dataclass(kw_only=True)
