@@ -27,7 +27,7 @@ mkdir -p "$out"
 
 lm2_corpus_to_shards "$py" "$out" "[quickstart]" 7  # 1/7 corpus, 2/7 shards
 
-echo "[quickstart] 3/7 training the debug LM2 ($steps steps, CPU)"
+echo "[quickstart] 3/7 training lm2-debug ($steps steps, CPU)"
 MODEL_ARGS=(--flavor lm2-debug --seq-length 256)  # the recipes' memory at debug size: 4 chunks of 64
 TRAINING_ARGS=(--micro-batch-size 4 --global-batch-size 8 --train-iters "$steps"
                --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters "$warmup" --seed 1234)

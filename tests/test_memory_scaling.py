@@ -166,6 +166,36 @@ def test_twohop_story_is_babilong_qa2_and_answer_is_its_target():
     assert {words[int(v)] for v in labels} <= set(babilong_gen.PLACES)
 
 
+def test_last_place_shortcut_matches_the_stories_text():
+    # The one-hop bar for two-hop, restated from the qa2 text: the last place word of each story.
+    import random
+    from megatron_lm2.eval.memory_tasks import TaskBatch, last_place_accuracy
+
+    ids_of, places = ms_twohop_ids(), {p.lower() for p in babilong_gen.PLACES}
+    rows, expected = [], []
+    for seed in range(24):
+        ids, _, place = twohop_story(seed, 96)
+        for attempt in range(1000):  # the story twohop_story kept, from the generator's own text
+            facts, _, target = babilong_gen.STORIES["qa2"](random.Random(f"memory_tasks/twohop/{seed}/{attempt}"))
+            text = " ".join(facts).replace(".", " .").lower().split()
+            if len(text) <= 96:
+                break
+        expected.append([w for w in text if w in places][-1] == target.lower())
+        rows.append((ids, place))
+    S = 160
+    tokens = torch.full((len(rows), S), ids_of["the"])
+    tokens[:, 120] = ids_of[sorted(places)[0]]  # a place outside the story: not the story's
+    fact_mask, loss_mask = torch.zeros(len(rows), S, dtype=torch.bool), torch.zeros(len(rows), S)
+    labels = torch.zeros_like(tokens)
+    for r, (ids, place) in enumerate(rows):
+        tokens[r, : len(ids)] = torch.tensor(ids)
+        fact_mask[r, : len(ids)] = True
+        loss_mask[r, 150], labels[r, 150] = 1.0, place
+    got = last_place_accuracy(TaskBatch(tokens=tokens, labels=labels, loss_mask=loss_mask, fact_mask=fact_mask))
+    assert 0 < sum(expected) < len(expected)  # both kinds of story are in the sample
+    assert got == pytest.approx(sum(expected) / len(expected))
+
+
 def ms_twohop_ids():
     from megatron_lm2.eval import memory_tasks
 
@@ -451,3 +481,11 @@ def test_tied_qk_init_points_the_first_read_at_the_value_slot():
     # Without the shift the value's slot holds the value alone and the key's own slot takes the read.
     unshifted = memory_probe.mass_at_init(32, "tied", shift=0, samples=32)
     assert all(key > 10.0 > 1.0 > value for value, key in unshifted), unshifted
+
+
+def test_report_keeps_every_recorded_knob_apart():
+    # Runs that differ in any recorded knob (here the key start) must not share a table row.
+    base = dict(task="mqar", pairs=16, hops=1, chunk=128, slots=128, model="lm2", write="qknorm-token",
+                tau_read=10.0, tau_write=None, steps=1000, batch_size=32, lr=1e-3, forget_bias=3.0, shift=1)
+    keys = {ms._group_key(dict(base, **extra)) for extra in ({}, {"qk_init": "independent"}, {"qk_init": "tied"})}
+    assert len(keys) == 2  # a record without the field is an independent-keys run
