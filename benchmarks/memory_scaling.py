@@ -602,9 +602,10 @@ def _label(r: dict) -> str:
     fb = r.get("forget_bias", DEFAULT_FORGET_BIAS)
     sh = r.get("shift", DEFAULT_SHIFT)
     m0 = r.get("init", DEFAULT_INIT)
+    qk = r.get("qk_init", DEFAULT_QK_INIT)
     return _base_label(r) + (f", M_0 {m0}" if m0 != DEFAULT_INIT else "") + \
         (f", shift {sh}" if sh != DEFAULT_SHIFT else "") + \
-        (f", keys {r['qk_init']}" if r.get("qk_init", "independent") != "independent" else "") + \
+        (f", keys {qk}" if qk != DEFAULT_QK_INIT else "") + \
         (f", forget bias {fb:+g}" if fb != DEFAULT_FORGET_BIAS else "") + \
         (f", lr {r['lr']:g}" if r.get("lr", DEFAULT_LR) != DEFAULT_LR else "") + \
         (f", adam eps {eps:g}" if eps != DEFAULT_EPS else "") + \

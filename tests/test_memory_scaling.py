@@ -146,16 +146,23 @@ def test_with_other_keys_asks_a_key_the_facts_do_not_hold(name, pairs, hops):
         with_other_keys(TaskSpec("twohop", chunk=96), make_batch(TaskSpec("twohop", chunk=96), 2, 0), 0)
 
 
+def _qa2_text(seed: int, max_tokens: int):
+    """(words, question, target) of the story twohop_story keeps, from the generator's own text."""
+    import random
+
+    for attempt in range(1000):
+        facts, question, target = babilong_gen.STORIES["qa2"](random.Random(f"memory_tasks/twohop/{seed}/{attempt}"))
+        text = " ".join(facts).replace(".", " .").lower().split()
+        if len(text) <= max_tokens:
+            return text, question, target
+    raise AssertionError(f"no qa2 story of <= {max_tokens} words for seed {seed}")
+
+
 def test_twohop_story_is_babilong_qa2_and_answer_is_its_target():
     ids, obj, place = twohop_story(5, 56)
     words = {i: w for w, i in ms_twohop_ids().items()}
     # Re-derive the story from the generator and check the tokens spell it.
-    import random
-    for attempt in range(1000):
-        facts, question, target = babilong_gen.STORIES["qa2"](random.Random(f"memory_tasks/twohop/5/{attempt}"))
-        text = " ".join(facts).replace(".", " .").lower().split()
-        if len(text) <= 56:
-            break
+    text, question, target = _qa2_text(5, 56)
     assert [words[i] for i in ids] == text
     assert words[place] == target.lower() and words[obj] == question.rstrip("?").split()[-1]
     spec = TaskSpec("twohop", 128)
@@ -168,18 +175,13 @@ def test_twohop_story_is_babilong_qa2_and_answer_is_its_target():
 
 def test_last_place_shortcut_matches_the_stories_text():
     # The one-hop bar for two-hop, restated from the qa2 text: the last place word of each story.
-    import random
     from megatron_lm2.eval.memory_tasks import TaskBatch, last_place_accuracy
 
     ids_of, places = ms_twohop_ids(), {p.lower() for p in babilong_gen.PLACES}
     rows, expected = [], []
     for seed in range(24):
         ids, _, place = twohop_story(seed, 96)
-        for attempt in range(1000):  # the story twohop_story kept, from the generator's own text
-            facts, _, target = babilong_gen.STORIES["qa2"](random.Random(f"memory_tasks/twohop/{seed}/{attempt}"))
-            text = " ".join(facts).replace(".", " .").lower().split()
-            if len(text) <= 96:
-                break
+        text, _, target = _qa2_text(seed, 96)
         expected.append([w for w in text if w in places][-1] == target.lower())
         rows.append((ids, place))
     S = 160
@@ -484,8 +486,13 @@ def test_tied_qk_init_points_the_first_read_at_the_value_slot():
 
 
 def test_report_keeps_every_recorded_knob_apart():
-    # Runs that differ in any recorded knob (here the key start) must not share a table row.
+    # The report's rows and plot colours are keyed by _label: a knob added to LATER_KEYS but not to the
+    # label merges its runs with their twins (session 12 found tied and independent keys in one row).
+    other = {"adam_eps": 1e-6, "forget_bias": 3.0, "shift": 1, "init": "identity-signs", "qk_init": "tied"}
+    assert set(other) == {k for k, _, _ in ms.LATER_KEYS}  # a new knob needs a value here, and a label
     base = dict(task="mqar", pairs=16, hops=1, chunk=128, slots=128, model="lm2", write="qknorm-token",
-                tau_read=10.0, tau_write=None, steps=1000, batch_size=32, lr=1e-3, forget_bias=3.0, shift=1)
-    keys = {ms._group_key(dict(base, **extra)) for extra in ({}, {"qk_init": "independent"}, {"qk_init": "tied"})}
-    assert len(keys) == 2  # a record without the field is an independent-keys run
+                tau_read=10.0, tau_write=None, steps=1000, batch_size=32, lr=1e-3)
+    for key, default, _ in ms.LATER_KEYS:
+        assert other[key] != default
+        assert ms._group_key(dict(base, **{key: default})) == ms._group_key(base)  # absent = the default
+        assert ms._group_key(dict(base, **{key: other[key]})) != ms._group_key(base), key
