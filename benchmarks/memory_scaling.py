@@ -39,6 +39,10 @@ so a prototype write can be measured before it lands in the module:
     qknorm-token  the token write with the qknorm read (cosine scores times a learned per-head scale,
                 init --tau-read): with the write's selection gone, the read's softmax over N = C slots is
                 what starts flat (1/N on the fact), and this starts it sharper
+    aligned     the paper's equations literally (N = C, slot i <- token i, g_in from the token,
+                g_forget and the content from what the token read, E_mem): the module's own
+                "aligned" write with dot scores, run by the module's forward
+    qknorm-aligned  the aligned write with the qknorm read (init --tau-read)
     module      the module's own forward, whatever its memory_write is (no diagnostics but
                 accuracy and gradients)
 """
@@ -68,7 +72,9 @@ from megatron_lm2.memory import chunk_shift_sum  # noqa: E402
 
 EVAL_SEED = 123_456  # the held-out batch: the same for every run of a task
 MODELS = ("lm2", "vanilla", "full")  # full: vanilla with attention over the whole sample
-WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token", "module")
+WRITE_MODES = ("attention", "qknorm", "salience", "qknorm-salience", "token", "qknorm-token", "aligned",
+               "qknorm-aligned", "module")
+MODULE_WRITES = ("aligned", "qknorm-aligned", "module")  # run by the module's own forward, not study_forward
 RESULTS = "benchmarks/memory_scaling.jsonl"
 DEFAULT_LR = 3e-3
 DEFAULT_EPS = 1e-8  # AdamW's; runs recorded before --adam-eps existed used it
@@ -150,7 +156,7 @@ def logit_scales(write: str, args) -> dict:
     for qknorm-token (its write has no scores), none for the other modes."""
     qk = write.startswith("qknorm")
     return dict(tau_read=args.tau_read if qk else None,
-                tau_write=args.tau_write if qk and not write.endswith("token") else None)
+                tau_write=args.tau_write if qk and not write.endswith(("token", "aligned")) else None)
 
 
 def resolve_slots(slots: str, chunk: int) -> int:
@@ -249,7 +255,7 @@ def memory_modules(model):
 
 def install_write(model, write: str, tau_read: float = 10.0, tau_write: float = 10.0, shift: int = 0) -> None:
     """Route every memory module of `model` through study_forward with write mode `write`."""
-    if write == "module":
+    if write in MODULE_WRITES:
         return
     for m in memory_modules(model):
         if m.tp_rank != 0 or m.local_hidden != m.config.hidden_size:
@@ -277,16 +283,20 @@ def build(cfg_args: dict, seed: int):
     window = None if cfg_args["model"] == "full" else spec.chunk  # full: the upper bound, not a control
     # The module's own write mode: "token" where the study runs it (so `module` can run it too),
     # else the default; study_forward replaces the forward for every other mode.
-    memory_write = cfg_args.get("memory_write") or ("token" if cfg_args["write"].endswith("token") else "attention")
+    write = cfg_args["write"]
+    memory_write = cfg_args.get("memory_write") or (
+        "token" if write.endswith("token") else "aligned" if write.endswith("aligned") else "attention")
+    scores = cfg_args.get("memory_scores") or ("qknorm" if write == "qknorm-aligned" else "dot")
     config = get_flavor(flavor, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
                         attention_window=window, memory_chunk_size=spec.chunk,
                         memory_slots=cfg_args["slots"], memory_write=memory_write,
-                        memory_scores=cfg_args.get("memory_scores") or "dot",
+                        memory_scores=scores,
+                        memory_logit_scale=cfg_args.get("tau_read") or 10.0,
                         memory_forget_bias=cfg_args.get("forget_bias", DEFAULT_FORGET_BIAS),
                         memory_init=cfg_args.get("init", DEFAULT_INIT),
                         memory_qk_init=cfg_args.get("qk_init", DEFAULT_QK_INIT),
                         # `module` runs the module's shift; the study's forward shifts on its own
-                        memory_write_shift=cfg_args.get("shift", DEFAULT_SHIFT) if cfg_args["write"] == "module" else 0)
+                        memory_write_shift=cfg_args.get("shift", DEFAULT_SHIFT) if write in MODULE_WRITES else 0)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_model(config)

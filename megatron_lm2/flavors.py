@@ -92,6 +92,36 @@ def recipe_memory(chunk: int = RECIPE_CHUNK) -> dict:
                 memory_forget_bias=3.0, memory_write_shift=1, memory_qk_init="tied")
 
 
+# The paper's memory (Kang et al. 2025, Sec. 3; issue 31): N = 2048 slots per memory block, the
+# equations' gates (no forget bias), dot-product scores, independent key projection, the identity M_0.
+# Its write is our "attention" write, the general form of Eq. 4-6 (slots attend over the chunk's tokens,
+# docs/memory.md): the literal reading ("aligned", slot i <- token i) needs N = C, and N = C = 2048 is a
+# chunk as long as the whole 2048-token training sequence, written after its last token, so the write
+# would never receive a gradient. C = 1024 writes once inside every sequence, as the docs' flag set did.
+PAPER_SLOTS, PAPER_CHUNK = 2048, 1024
+
+
+def paper_memory() -> dict:
+    """The memory knobs of the `*-paper` flavors: the paper's N = 2048 slots and equations."""
+    return dict(memory_chunk_size=PAPER_CHUNK, memory_slots=PAPER_SLOTS, memory_write="attention",
+                memory_scores="dot", memory_forget_bias=0.0, memory_write_shift=0,
+                memory_qk_init="independent", memory_init="identity")
+
+
+def memory_summary(cfg: LM2Config) -> str:
+    """One column of `lm2-flavors`: which memory a flavor carries ('-' for none)."""
+    if not cfg.memory_layer_numbers:
+        return "-"
+    extras = [cfg.memory_scores]
+    if cfg.memory_forget_bias:
+        extras.append(f"fb{cfg.memory_forget_bias:g}")
+    if cfg.memory_write_shift:
+        extras.append(f"sh{cfg.memory_write_shift}")
+    if cfg.memory_qk_init != "independent":
+        extras.append(cfg.memory_qk_init)
+    return f"{cfg.memory_write} N{cfg.memory_slots} C{cfg.memory_chunk_size} " + ",".join(extras)
+
+
 @register("debug")
 def debug(**overrides) -> LM2Config:
     """Runs on a CPU in seconds. GQA (4 heads, 2 groups) so the tests cover it."""
@@ -153,6 +183,12 @@ def lm2_1p7b(**overrides) -> LM2Config:
     return _lm2_1p7b(**overrides)
 
 
+@register("lm2-1.7b-paper")
+def lm2_1p7b_paper(**overrides) -> LM2Config:
+    """The paper's LM2-1.7B as it describes it: its decoder and its memory (paper_memory above)."""
+    return _lm2_1p7b(**{**paper_memory(), **overrides})
+
+
 @register("llama-1.7b")
 def llama_1p7b(**overrides) -> LM2Config:
     return _lm2_1p7b(**{"memory_layers": (), **overrides})
@@ -197,6 +233,12 @@ def lm2_3b(**overrides) -> LM2Config:
     return _lm2_3b(**overrides)
 
 
+@register("lm2-3b-paper")
+def lm2_3b_paper(**overrides) -> LM2Config:
+    """lm2-3b's decoder with the paper's memory: the paper's memory at this size, for the ladder."""
+    return _lm2_3b(**{**paper_memory(), **overrides})
+
+
 @register("llama-3b")
 def llama_3b(**overrides) -> LM2Config:
     return _lm2_3b(**{"memory_layers": (), **overrides})
@@ -229,6 +271,12 @@ def lm2_8b(**overrides) -> LM2Config:
     return _lm2_8b(**overrides)
 
 
+@register("lm2-8b-paper")
+def lm2_8b_paper(**overrides) -> LM2Config:
+    """lm2-8b's decoder with the paper's memory."""
+    return _lm2_8b(**{**paper_memory(), **overrides})
+
+
 @register("llama-8b")
 def llama_8b(**overrides) -> LM2Config:
     return _lm2_8b(**{"memory_layers": (), **overrides})
@@ -244,7 +292,8 @@ def main(argv=None) -> int:
 
     parser = ArgumentParser(prog="lm2-flavors", description="List the model flavors and their sizes.")
     parser.parse_args(argv)
-    header = f"{'flavor':<16}{'layers':>7}{'d':>6}{'mem layers':>11}{'base':>9}{'memory':>9}{'total':>9}{'GFLOP/tok':>11}{'(CPU)':>8}"
+    header = (f"{'flavor':<16}{'layers':>7}{'d':>6}{'mem layers':>11}  {'memory (write N C scores,knobs)':<34}"
+              f"{'base':>9}{'memory':>9}{'total':>9}{'GFLOP/tok':>11}{'(CPU)':>8}")
     print(header)
     print("-" * len(header))
     for name in list_flavors():
@@ -252,6 +301,7 @@ def main(argv=None) -> int:
         count = num_parameters(cfg)
         print(
             f"{name:<16}{cfg.num_layers:>7}{cfg.hidden_size:>6}{len(cfg.memory_layer_numbers):>11}"
+            f"  {memory_summary(cfg):<34}"
             f"{format_count(count.base):>9}{format_count(count.memory):>9}"
             f"{format_count(count.total):>9}{flops_per_token(cfg) / 1e9:>11.2f}"
             f"{flops_per_token(cfg, kernel='local') / 1e9:>8.2f}"

@@ -47,6 +47,29 @@ def test_study_forward_equals_float64_reference(write):
     assert ref.abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("write", ["aligned", "qknorm-aligned"])
+def test_study_aligned_write_equals_float64_reference(write):
+    """--write aligned is the paper's equations literally (the reference's "aligned"): the module's
+    own write, N = C, dot scores (qknorm-aligned: the cosine read at --tau-read)."""
+    qk = write.startswith("qknorm")
+    model, _ = ms.build(_cfg(write=write, slots=8, forget_bias=1.5), 0)
+    mem = _memory_of(model)
+    assert (mem.config.memory_write, mem.config.memory_scores) == ("aligned", "qknorm" if qk else "dot")
+    assert ms.logit_scales(write, ms.parse_args(["--write", write]))["tau_write"] is None
+    model.double()
+    with torch.no_grad():
+        for p in mem.parameters():
+            p.normal_(0.0, 0.3)
+    tokens = torch.randn(24, 2, 128, dtype=torch.float64)
+    out, _ = mem(tokens)
+    ref, _ = memory_reference(tokens, weights_of(mem, mem.num_heads), mem.num_heads, 8, "aligned",
+                              qk_norm=qk, forget_bias=1.5)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-10
+    token, _ = memory_reference(tokens, weights_of(mem, mem.num_heads), mem.num_heads, 8, "token",
+                                qk_norm=qk, forget_bias=1.5)
+    assert ((out - token).abs().max() / ref.abs().max()).item() > 1e-3  # not the token write
+
+
 @pytest.mark.parametrize("write", ["attention", "qknorm-token"])
 def test_study_shift_equals_float64_reference(write):
     """--shift 1: the write takes e_t + e_(t-1) within the chunk (the reference's `shift`)."""

@@ -378,3 +378,43 @@ def test_the_model_keeps_its_masks_per_length_and_device():
     model.transformer_backend = "te"  # the TE spec's attention would ignore the mask
     with pytest.raises(ValueError, match="attention_window=12.*'local'"):
         model.attention_mask_for(48, "cpu")
+
+
+def test_paper_flavors_carry_the_papers_memory():
+    """`lm2-1.7b-paper` is the paper's LM2-1.7B: its decoder (lm2-1.7b's) with N = 2048 slots per
+    block, the equations' gates, dot scores, independent keys; and it is the flag set docs/training.md
+    gives for the paper's memory, parsed by lm2-train (an independent statement of the same thing)."""
+    from megatron_lm2.training.config import parse_args
+
+    paper = get_flavor("lm2-1.7b-paper")
+    flags = parse_args(["--flavor", "lm2-1.7b", "--mock-data", "--memory-write", "attention",
+                        "--memory-scores", "dot", "--memory-forget-bias", "0", "--memory-write-shift", "0",
+                        "--memory-qk-init", "independent", "--memory-slots", "2048",
+                        "--memory-chunk-size", "1024"]).model_config()
+    for field in ("memory_slots", "memory_chunk_size", "memory_write", "memory_scores", "memory_forget_bias",
+                  "memory_write_shift", "memory_qk_init", "memory_init", "memory_layers", "num_layers",
+                  "hidden_size", "ffn_hidden_size", "num_attention_heads", "memory_heads", "vocab_size"):
+        assert getattr(paper, field) == getattr(flags, field), field
+    assert (paper.memory_slots, paper.num_memory_chunks) == (2048, 2)  # the write trains once a sequence
+    count = num_parameters(paper)
+    assert abs(count.base - 1.2e9) / 1.2e9 < 0.08 and abs(count.memory - 0.5e9) / 0.5e9 < 0.08
+    for size in ("3b", "8b"):  # the twins: the recipe's decoder, the paper's memory
+        twin, recipe = get_flavor(f"lm2-{size}-paper"), get_flavor(f"lm2-{size}")
+        assert (twin.memory_slots, twin.memory_write, twin.memory_forget_bias) == (2048, "attention", 0.0)
+        assert (twin.num_layers, twin.hidden_size, twin.memory_layers) == (
+            recipe.num_layers, recipe.hidden_size, recipe.memory_layers)
+
+
+def test_lm2_flavors_prints_each_flavors_memory(capsys):
+    from megatron_lm2.flavors import main
+
+    assert main([]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == set(list_flavors())
+    for name, line in rows.items():
+        cfg = get_flavor(name)
+        cells = line.split()
+        if cfg.memory_layer_numbers:
+            assert cells[4:7] == [cfg.memory_write, f"N{cfg.memory_slots}", f"C{cfg.memory_chunk_size}"], name
+        else:
+            assert cells[4] == "-", name
