@@ -3,7 +3,8 @@
 Every field is one Megatron-style flag (`tensor_model_parallel_size` <-> `--tensor-model-parallel-size`);
 the parser is generated from the dataclass by type (bool: a switch; Literal or declared choices: a
 choice; tuple/list: several values; any other type converts the text), so the CLI cannot drift
-from the config. Defaults are the LM2 paper's 1.7B recipe (docs/training.md).
+from the config. Defaults train `lm2-1.7b`: the LM2 paper's 1.7B decoder and optimizer with the
+recipe's memory (docs/training.md); the paper's own memory is the `lm2-1.7b-paper` flavor.
 
 The model flags are not written here: ModelFlags is generated from the model fields that
 megatron_lm2.config declares (LM2Config), each Optional with default None = keep the flavor's
@@ -354,8 +355,9 @@ GROUP_DESCRIPTIONS = {"model": "a flavor plus overrides: a model flag left unset
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="lm2-train",
-        description="Pretrain an LM2 model on Megatron-core (docs/training.md). Defaults are the "
-        "paper's 1.7B recipe.",
+        description="Pretrain an LM2 model on Megatron-core (docs/training.md). Defaults train lm2-1.7b: "
+        "the paper's 1.7B decoder and optimizer with the recipe's memory (the paper's memory: "
+        "--flavor lm2-1.7b-paper).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_flags(parser, TrainConfig)
