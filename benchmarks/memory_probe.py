@@ -1,7 +1,7 @@
 """Where does a trained study model's read look? A probe of one `memory_scaling.py` checkpoint
 (one-answer tasks: fact, persist), on the task's held-out batch:
 
-* held-out accuracy per value token (session 10: all or nothing, so curves plateau at k/16);
+* held-out accuracy per value token (the runs of 2026-12-03 (4d2add7): all or nothing, so curves plateau at k/16);
 * per memory layer and head, the read's mass on the fact's key slot and value slot at the answer
   position, split by right / wrong answers (token write: slot i holds token i of the last chunk
   written, so this is for `--write token|qknorm-token` with the question one chunk after the fact);
@@ -12,7 +12,7 @@
     python benchmarks/memory_probe.py --at-init 32,128,256,512   # the read at initialisation, by W_K init
 
 Checkpoints are written every 100 steps while a run trains and removed when it finishes: copy one
-aside to probe it later. The numbers of memory_scaling.md's "Session 10" come from this script.
+aside to probe it later. The numbers of memory_scaling.md's "Runs of 2026-12-03 (4d2add7)" come from this script.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def fact_slots(batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
 def read_on_fact(model, spec, held: TaskBatch):
     """One forward of a study model (token write) on `held`: its logits, the answer positions, and
     per memory layer the read's mass at the answer on the fact's key slot and value slot, each
-    [B, heads]. Session 12 reads it at initialisation: with --qk-init tied and --shift 1 the value's
+    [B, heads]. Runs of 2026-12-06 (097fc56) reads it at initialisation: with --qk-init tied and --shift 1 the value's
     slot starts at 10-60x the uniform 1/N (independent init: ~1x)."""
     from megatron_lm2.model import attention_mask
 

@@ -358,7 +358,7 @@ def accuracy_by_fact_position(hits: torch.Tensor, batch: TaskBatch, chunk: int, 
 
 def accuracy_by_answer(hits: torch.Tensor, batch: TaskBatch) -> dict:
     """Held-out accuracy per answer token id ({id: accuracy}), `hits` as answer_hits gives them.
-    Session 10 found the one-fact plateau quantised by value: the read learns to find each value
+    Runs of 2026-12-03 (4d2add7) found the one-fact plateau quantised by value: the read learns to find each value
     token on its own, so accuracy is k/16 with k values at ~100 % and the rest at 0. A model that
     always gives one answer scores that answer at 100 %: read it next to the overall accuracy."""
     answers = batch.labels[batch.loss_mask.bool()]

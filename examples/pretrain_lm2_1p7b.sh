@@ -12,7 +12,7 @@ GPUS=${GPUS:-8}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-$PWD/checkpoints/lm2-1p7b}
 DATA_PATH=${DATA_PATH:?set DATA_PATH to an lm2-preprocess output directory (manifest.json + blend.json)}
 
-# The flavor carries the recipe's memory (docs/memory.md, "Decision (session 12)").
+# The flavor carries the recipe's memory (docs/memory.md, "Decision (2026-12-06 at 097fc56)").
 MODEL_ARGS=(--flavor lm2-1.7b --seq-length 2048 --bf16
             --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
 TRAINING_ARGS=(--micro-batch-size "${MICRO_BATCH_SIZE:-4}" --global-batch-size "${GLOBAL_BATCH_SIZE:-256}"

@@ -49,7 +49,7 @@ ffn_multiple = 16
 
 [memory]
 # The paper's attention write, as when benchmarks/scaling_demo.md was recorded (the recipes' token
-# write is the sweep file's default since issue 10, session 12).
+# write is the sweep file's default since issue 10, 2026-12-06 at 097fc56).
 write = "attention"
 scores = "dot"
 forget_bias = 0.0

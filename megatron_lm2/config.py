@@ -32,7 +32,7 @@ MEMORY_INIT_MODES = ("identity", "learned", "identity-signs")
 # write), initialised to memory_logit_scale. docs/memory.md, issue 10.
 MEMORY_SCORE_MODES = ("dot", "qknorm")
 # independent: W_K drawn like every weight; tied: each memory head's W_K starts as a copy of its W_Q,
-# so a token's query matches the slots holding its own content from step 0 (issue 10, session 12).
+# so a token's query matches the slots holding its own content from step 0 (issue 10, 2026-12-06 at 097fc56).
 MEMORY_QK_INIT_MODES = ("independent", "tied")
 
 
@@ -116,13 +116,13 @@ class LM2Config(TransformerConfig):
                                      hf=True, optional_in_record=True)
     # A value's state holds its key (the token before it) only once self-attention has learned a
     # previous-token head; adding the k tokens before each written token gives every slot its left
-    # context from the start (issue 10, session 11: multi-query recall used the key only with it).
+    # context from the start (issue 10, 2026-12-03 at 5f6b12d: multi-query recall used the key only with it).
     memory_write_shift: int = knob(0, "the memory write takes each token plus the k tokens before it in "
                                    "its chunk, E_i + ... + E_(i-k), so a value's slot also holds its key "
                                    "(0 = the token alone; attention and token writes)",
                                    hf=True, optional_in_record=True)
     # A content-match prior: with qk-norm scores and a write shift, the question's key finds the slot
-    # that holds the key next to its value before anything is learned (issue 10, session 12). Only the
+    # that holds the key next to its value before anything is learned (issue 10, 2026-12-06 at 097fc56). Only the
     # initial weights differ, so checkpoints and the HF export carry it without a field of their own.
     memory_qk_init: str = knob("independent", "how the memory's key projection starts: 'independent' (drawn "
                                "like every weight) or 'tied' (each head's W_K a copy of its W_Q, so tokens "

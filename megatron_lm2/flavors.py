@@ -78,7 +78,7 @@ def llama_decoder(**fields) -> LM2Config:
     return LM2Config(**{**RUNTIME_DEFAULTS, **architecture, **fields})
 
 
-# The recipes' memory (issue 10, session 12; docs/memory.md, "Decision (session 12)"): slot i takes
+# The recipes' memory (issue 10, 2026-12-06 at 097fc56; docs/memory.md, "Decision (2026-12-06 at 097fc56)"): slot i takes
 # token i of its chunk plus the token before it (N = C, so a value's slot holds its key), a cosine read
 # whose keys start as its queries (the question's key finds that slot from step 0), and a forget gate
 # that starts at 0.95. RECIPE_CHUNK is the largest chunk the study trained; one fact learns there as at C = 32.

@@ -34,7 +34,7 @@ VARIANTS = {
     "qknorm": dict(flavor="debug", memory_scores="qknorm"),
     "qknorm-token": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm"),
     # The study's association config: the token write with qknorm, a forget bias, a write shift and
-    # keys tied to queries at init (the recipes' memory since issue 10, session 12).
+    # keys tied to queries at init (the recipes' memory since issue 10, 2026-12-06 at 097fc56).
     "forget-bias": dict(flavor="debug", memory_write="token", memory_slots=64, memory_scores="qknorm",
                         memory_forget_bias=3.0, memory_write_shift=1, memory_qk_init="tied"),
     # N = 192 > d = 128: slots past d start as sign rows the HF file computes on its own.

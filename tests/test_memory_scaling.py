@@ -510,7 +510,7 @@ def test_tied_qk_init_points_the_first_read_at_the_value_slot():
 
 def test_report_keeps_every_recorded_knob_apart():
     # The report's rows and plot colours are keyed by _label: a knob added to LATER_KEYS but not to the
-    # label merges its runs with their twins (session 12 found tied and independent keys in one row).
+    # label merges its runs with their twins (the runs of 2026-12-06 (097fc56) found tied and independent keys in one row).
     other = {"adam_eps": 1e-6, "forget_bias": 3.0, "shift": 1, "init": "identity-signs", "qk_init": "tied"}
     assert set(other) == {k for k, _, _ in ms.LATER_KEYS}  # a new knob needs a value here, and a label
     base = dict(task="mqar", pairs=16, hops=1, chunk=128, slots=128, model="lm2", write="qknorm-token",

@@ -112,7 +112,7 @@ def without_facts(spec: TaskSpec, batch: TaskBatch, seed: int) -> TaskBatch:
 def with_other_keys(spec: TaskSpec, batch: TaskBatch, seed: int) -> TaskBatch:
     """The same samples with every asked key replaced by a key the sample's facts do not hold,
     labels unchanged. A model that still answers with the fact's value does not use the key: with
-    one fact it only has to find the one value token in the bank (session 10 found exactly that)."""
+    one fact it only has to find the one value token in the bank (the runs of 2026-12-03 (4d2add7) found exactly that)."""
     if spec.name == "twohop":
         raise ValueError("with_other_keys: two-hop questions ask an object, not a key")
     keys = spec.mqar_spec().key_ids

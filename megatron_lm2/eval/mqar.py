@@ -85,7 +85,7 @@ def mqar_batch(spec: MQARSpec, batch_size: int, generator: torch.Generator | int
     # Distinct keys per sample; values drawn with replacement. Earlier answers in the question
     # block still say something about later ones to a model that sees the facts' values: the
     # remaining values are the rest of that multiset. Without the keys that elimination scores
-    # ~55 % with 4 pairs and 26-33 % with 16 (issue 10, session 10), far above 1/num_values.
+    # ~55 % with 4 pairs and 26-33 % with 16 (issue 10, 2026-12-03 at 4d2add7), far above 1/num_values.
     keys = torch.argsort(torch.rand(B, spec.num_keys, generator=g), dim=1)[:, :P] + k0
     values = torch.randint(v0, v0 + spec.num_values, (B, P), generator=g)
     # Pair slots: choose P of the fact_length // 2 aligned two-token cells of the fact block.
