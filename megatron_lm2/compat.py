@@ -232,9 +232,9 @@ def checkpoint_writer_dies_with_us() -> None:
         return  # already made, or a megatron-core without this global: left alone
     from multiprocessing.managers import SyncManager
 
-    from megatron_lm2.training.helpers import _die_with_parent
+    from megatron_lm2.child_process import die_with_parent
 
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_die_with_parent)  # stdlib-only module: the child imports no torch
+    manager.start(initializer=die_with_parent)  # stdlib-only module: the child imports no torch
     _WRITER_MANAGER = manager
     filesystem_async._results_queue = manager.Queue()

@@ -65,3 +65,18 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_compat_and_tokenizer_import_nothing_above_them():
+    """Layering (issue 33): compat.py and tokenizer/ sit below training/ and preprocess/, which
+    import them; an import the other way is an upward arrow, even one hidden inside a function."""
+    modules = _modules()
+    above = ("megatron_lm2.training", "megatron_lm2.preprocess")
+    lower = [n for n in modules if n == "megatron_lm2.compat" or n.startswith("megatron_lm2.tokenizer")]
+    assert "megatron_lm2.tokenizer.train" in lower
+    upward = {n: sorted(m for m in _imports(n, modules[n], modules)
+                        if any(m == a or m.startswith(a + ".") for a in above)) for n in lower}
+    assert not any(upward.values()), f"upward imports: { {n: m for n, m in upward.items() if m} }"
+    # The check sees lazy imports: tokenizer/train.py reads its inputs with data/readers inside a function.
+    assert "megatron_lm2.data.readers" in _imports("megatron_lm2.tokenizer.train", modules["megatron_lm2.tokenizer.train"], modules)
+    assert "megatron_lm2.child_process" in _imports("megatron_lm2.compat", modules["megatron_lm2.compat"], modules)

@@ -38,7 +38,7 @@ DEFAULT_VOCAB = 2048
 
 
 def iter_input_texts(inputs: list[str], json_key: str) -> Iterator[str]:
-    from megatron_lm2.preprocess.readers import discover_inputs, iter_texts
+    from megatron_lm2.data.readers import discover_inputs, iter_texts
 
     txt = [p for p in inputs if p.endswith(".txt")]
     for path in txt:

@@ -1,9 +1,10 @@
 """What runs inside helper processes that must not outlive the trainer (compat.
 checkpoint_writer_dies_with_us starts the one megatron-core's checkpoint writer needs).
 
-Only the standard library at import: the spawned Manager process unpickles `_die_with_parent`
+Only the standard library at import: the spawned Manager process unpickles `die_with_parent`
 from here, and importing megatron-core there would repeat its import-time warnings on the
-trainer's stderr.
+trainer's stderr. It sits at the package's top level, below compat.py and training/, so that
+neither has to import upwards.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import signal
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the Manager process: the kernel sends it SIGKILL when the trainer dies."""
     import ctypes
 
