@@ -87,6 +87,15 @@ def _save(model, config, directory):
     dist_checkpointing.save(model.sharded_state_dict(), directory)
     if torch.distributed.get_rank() == 0:
         write_config(config, os.path.join(directory, "lm2_config.json"))
+    _record(directory)
+
+
+def _record(directory):
+    """The integrity record lm2-train writes (collective): without it a checkpoint is refused."""
+    from megatron_lm2.training.integrity import write_record
+
+    torch.distributed.barrier()
+    write_record(str(directory), 0, True, "test")
 
 
 def _gather_tp(tensor):
@@ -366,6 +375,7 @@ def test_memory_subset_round_trip(megatron_world, tmp_path):
     ckpt.mkdir()
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
     write_config(config, ckpt / "lm2_config.json")
+    _record(ckpt)
     to_hf(ckpt, tmp_path / "hf")
     hf = _hf_model(tmp_path / "hf")
     assert [layer.memory is not None for layer in hf.model.layers] == [False, True, False, True]
@@ -400,6 +410,7 @@ def test_training_run_directory(megatron_world, tmp_path):
         "train_state": {"step": 10, "consumed_samples": 80},
     }
     dist_checkpointing.save(state, str(step))
+    _record(step)
     (tmp_path / "run" / "latest").write_text("iter_0000010\n")
     loaded_config, weights = load_checkpoint(tmp_path / "run")
     assert loaded_config.memory_write == "aligned" and loaded_config.memory_slots == 64

@@ -149,6 +149,9 @@ class TrainConfig(ModelFlags):
                              "resume from the newest older known-good one instead of stopping",
                              group="checkpoint")
     no_save_on_signal: bool = _f(False, "do not save on SIGTERM / SIGUSR1", group="checkpoint")
+    allow_unverified_checkpoint: bool = _f(
+        False, "load (resume or --init-from) a checkpoint that has no lm2_integrity.json, unverified: one "
+        "written before the record existed; without it such a checkpoint is refused", group="checkpoint")
 
     # ---- logging and evaluation
     log_interval: int = _f(10, "steps per log line", positive=True, group="logging")

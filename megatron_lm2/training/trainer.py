@@ -160,7 +160,9 @@ class Trainer:
                 problem = f"{path} is recorded as not known-good (saved while steps were being skipped)"
             else:
                 try:
-                    return checkpoint.load_checkpoint(path, self.model_chunks, self.optimizer, self.scheduler), path
+                    return checkpoint.load_checkpoint(
+                        path, self.model_chunks, self.optimizer, self.scheduler,
+                        allow_unverified=self.train_config.allow_unverified_checkpoint), path
                 except CheckpointError as error:
                     if not fallback:
                         older = checkpoint.newest_known_good(directory, below=checkpoint.step_of(path))
@@ -185,7 +187,8 @@ class Trainer:
         if path is None:
             raise ConfigError(f"--init-from {directory}: not a dist checkpoint (no metadata.json) and no "
                               f"'latest' file naming one")
-        checkpoint.load_weights(path, self.model_chunks)
+        checkpoint.load_weights(path, self.model_chunks,
+                                allow_unverified=self.train_config.allow_unverified_checkpoint)
         self.optimizer.reload_model_params()  # bf16: the fp32 main weights follow the loaded ones
         log.info(f"initialised weights from {path} (fresh optimizer, step 0)")
 
