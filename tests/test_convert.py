@@ -439,8 +439,14 @@ def test_clear_errors_for_bad_checkpoint_dirs(checkpoints, tmp_path):
     shutil.copytree(root / "debug-tp2", broken)
     shard = sorted(broken.glob("*.distcp"))[-1]
     shard.unlink()
-    with pytest.raises(CheckpointError, match=f"missing shard file.*{shard.name}"):
+    with pytest.raises(CheckpointError, match=f"{shard.name}: missing .the checkpoint's integrity record"):
         check_checkpoint_dir(broken)
+    # Without the record (allowed unverified), the metadata's own shard list still catches it.
+    (broken / "lm2_integrity.json").unlink()
+    with pytest.raises(CheckpointError, match="lm2_integrity.json: missing.*--allow-unverified-checkpoint"):
+        check_checkpoint_dir(broken)
+    with pytest.raises(CheckpointError, match=f"missing shard file.*{shard.name}"):
+        check_checkpoint_dir(broken, allow_unverified=True)
 
     no_config = tmp_path / "no-config"
     shutil.copytree(root / "debug-tp2", no_config)
@@ -463,8 +469,9 @@ def test_wrong_config_names_the_missing_tensors(checkpoints, megatron_world, tmp
     wrong = tmp_path / "wrong"
     shutil.copytree(root / "vanilla-tp2", wrong)
     shutil.copyfile(root / "debug-tp2" / "lm2_config.json", wrong / "lm2_config.json")
+    (wrong / "lm2_integrity.json").unlink()  # an edited config fails the checksums first
     with pytest.raises(CheckpointError, match="lacks .* tensor.*memory"):
-        load_checkpoint(wrong)
+        load_checkpoint(wrong, allow_unverified=True)
 
 
 def test_tokenizer_larger_than_vocabulary_is_refused(checkpoints, tmp_path, capsys):
@@ -476,7 +483,9 @@ def test_tokenizer_larger_than_vocabulary_is_refused(checkpoints, tmp_path, caps
     record = json.loads((small / "lm2_config.json").read_text())
     record["model"]["vocab_size"] = 1024
     (small / "lm2_config.json").write_text(json.dumps(record))
-    assert main(["to-hf", "--load", str(small), "--save", str(tmp_path / "hf"), "--tokenizer", "default"]) == 2
+    (small / "lm2_integrity.json").unlink()  # an edited config fails the checksums first
+    assert main(["to-hf", "--load", str(small), "--save", str(tmp_path / "hf"), "--tokenizer", "default",
+                 "--allow-unverified-checkpoint"]) == 2
     err = capsys.readouterr().err
     assert "2048 tokens" in err and "1024 rows" in err
     assert not (tmp_path / "hf").exists()

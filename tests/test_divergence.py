@@ -81,10 +81,10 @@ STRICT = ["--max-weight-rms", str(DEFAULT_MAX_WEIGHT_RMS / 100), "--divergence-l
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_guard_is_quiet_on_the_projects_settings(tmp_path, name):
     directory = str(tmp_path / "ckpt")
-    result = _train(*SETTINGS[name], *STRICT, "--train-iters", "40", "--log-interval", "1",
+    result = _train(*SETTINGS[name], *STRICT, "--train-iters", "25", "--log-interval", "1",
                     "--save", directory, "--save-interval", "40")
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [r["loss"] for r in _train_records(os.path.join(directory, "metrics.jsonl"))]
-    assert len(losses) == 40 and losses[-1] < losses[0]
+    assert len(losses) == 25 and losses[-1] < losses[0]
     # The decision function on the recorded curve, at the strict loss bound, from step 1 on.
     assert _replay(losses, loss_factor=DEFAULT_LOSS_FACTOR / 2, loss_patience=1) is None
