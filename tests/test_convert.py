@@ -87,6 +87,15 @@ def _save(model, config, directory):
     dist_checkpointing.save(model.sharded_state_dict(), directory)
     if torch.distributed.get_rank() == 0:
         write_config(config, os.path.join(directory, "lm2_config.json"))
+    _record(directory)
+
+
+def _record(directory):
+    """The integrity record lm2-train writes (collective): without it a checkpoint is refused."""
+    from megatron_lm2.training.integrity import write_record
+
+    torch.distributed.barrier()
+    write_record(str(directory), 0, True, "test")
 
 
 def _gather_tp(tensor):
@@ -366,6 +375,7 @@ def test_memory_subset_round_trip(megatron_world, tmp_path):
     ckpt.mkdir()
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
     write_config(config, ckpt / "lm2_config.json")
+    _record(ckpt)
     to_hf(ckpt, tmp_path / "hf")
     hf = _hf_model(tmp_path / "hf")
     assert [layer.memory is not None for layer in hf.model.layers] == [False, True, False, True]
@@ -400,6 +410,7 @@ def test_training_run_directory(megatron_world, tmp_path):
         "train_state": {"step": 10, "consumed_samples": 80},
     }
     dist_checkpointing.save(state, str(step))
+    _record(step)
     (tmp_path / "run" / "latest").write_text("iter_0000010\n")
     loaded_config, weights = load_checkpoint(tmp_path / "run")
     assert loaded_config.memory_write == "aligned" and loaded_config.memory_slots == 64
@@ -428,8 +439,14 @@ def test_clear_errors_for_bad_checkpoint_dirs(checkpoints, tmp_path):
     shutil.copytree(root / "debug-tp2", broken)
     shard = sorted(broken.glob("*.distcp"))[-1]
     shard.unlink()
-    with pytest.raises(CheckpointError, match=f"missing shard file.*{shard.name}"):
+    with pytest.raises(CheckpointError, match=f"{shard.name}: missing .the checkpoint's integrity record"):
         check_checkpoint_dir(broken)
+    # Without the record (allowed unverified), the metadata's own shard list still catches it.
+    (broken / "lm2_integrity.json").unlink()
+    with pytest.raises(CheckpointError, match="lm2_integrity.json: missing.*--allow-unverified-checkpoint"):
+        check_checkpoint_dir(broken)
+    with pytest.raises(CheckpointError, match=f"missing shard file.*{shard.name}"):
+        check_checkpoint_dir(broken, allow_unverified=True)
 
     no_config = tmp_path / "no-config"
     shutil.copytree(root / "debug-tp2", no_config)
@@ -452,8 +469,9 @@ def test_wrong_config_names_the_missing_tensors(checkpoints, megatron_world, tmp
     wrong = tmp_path / "wrong"
     shutil.copytree(root / "vanilla-tp2", wrong)
     shutil.copyfile(root / "debug-tp2" / "lm2_config.json", wrong / "lm2_config.json")
+    (wrong / "lm2_integrity.json").unlink()  # an edited config fails the checksums first
     with pytest.raises(CheckpointError, match="lacks .* tensor.*memory"):
-        load_checkpoint(wrong)
+        load_checkpoint(wrong, allow_unverified=True)
 
 
 def test_tokenizer_larger_than_vocabulary_is_refused(checkpoints, tmp_path, capsys):
@@ -465,7 +483,9 @@ def test_tokenizer_larger_than_vocabulary_is_refused(checkpoints, tmp_path, caps
     record = json.loads((small / "lm2_config.json").read_text())
     record["model"]["vocab_size"] = 1024
     (small / "lm2_config.json").write_text(json.dumps(record))
-    assert main(["to-hf", "--load", str(small), "--save", str(tmp_path / "hf"), "--tokenizer", "default"]) == 2
+    (small / "lm2_integrity.json").unlink()  # an edited config fails the checksums first
+    assert main(["to-hf", "--load", str(small), "--save", str(tmp_path / "hf"), "--tokenizer", "default",
+                 "--allow-unverified-checkpoint"]) == 2
     err = capsys.readouterr().err
     assert "2048 tokens" in err and "1024 rows" in err
     assert not (tmp_path / "hf").exists()

@@ -54,6 +54,7 @@ def exported(megatron_world, tmp_path_factory):
     from megatron_lm2.flavors import get_flavor
     from megatron_lm2.model import build_model, padded_vocab_size
     from megatron_lm2.tokenizer import load_tokenizer
+    from megatron_lm2.training.integrity import write_record
 
     root = tmp_path_factory.mktemp("eval_hf_lm2")
     vocab = padded_vocab_size(load_tokenizer("default").vocab_size, 1)
@@ -65,6 +66,7 @@ def exported(megatron_world, tmp_path_factory):
     ckpt.mkdir()
     dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))  # as lm2-train / test_convert do
     write_config(config, ckpt / "lm2_config.json")
+    write_record(str(ckpt), 0, True, "test")  # as lm2-train does: a checkpoint without it is refused
     assert convert(["to-hf", "--load", str(ckpt), "--save", str(root / "hf"), "--tokenizer", "default"]) == 0
     assert evaluate(["make-babilong", "--out", str(root / "babilong"), "--tasks", ",".join(TASKS),
                      "--lengths", ",".join(LENGTHS), "--samples", str(SAMPLES), "--tokenizer", "default"]) == 0

@@ -117,7 +117,8 @@ def test_huge_lr_keeps_a_loadable_finite_checkpoint_and_names_it(tmp_path):
 
     directory = str(tmp_path / "ckpt")
     result = _train(*COMMON, "--lr", "1e6", "--min-lr", "0", "--train-iters", "12", "--save", directory,
-                    "--save-interval", "2", "--keep-last", "1", "--max-skipped-steps", "3")
+                    "--save-interval", "2", "--keep-last", "1", "--max-skipped-steps", "3",
+                    "--max-weight-rms", "0", "--divergence-loss-factor", "0")  # the skip path, unguarded
     line = _one_line_error(result, "lm2-train")
     assert "steps in a row had a NaN/Inf loss or gradient" in line
     named = line.split("the newest known-good checkpoint is ")[1].split(" ")[0]
@@ -257,7 +258,8 @@ def test_checkpoint_without_checksums_loads_and_a_broken_one_names_the_checkpoin
     legacy = os.path.join(directory, "iter_0000002")
     spare = str(tmp_path / "spare")
     shutil.copytree(legacy, spare)
-    args = [*COMMON, "--train-iters", "4", "--save", directory, "--keep-last", "0"]
+    args = [*COMMON, "--train-iters", "4", "--save", directory, "--keep-last", "0",
+            "--allow-unverified-checkpoint"]
 
     shard = os.path.join(legacy, _shard(legacy))
     os.truncate(shard, os.path.getsize(shard) // 2)
@@ -271,6 +273,80 @@ def test_checkpoint_without_checksums_loads_and_a_broken_one_names_the_checkpoin
     assert f"resumed from {legacy} at step 2" in result.stdout
     losses = {r["step"]: r["loss"] for r in _train_records(os.path.join(directory, "metrics.jsonl"))}
     assert losses == expected
+
+
+def test_missing_integrity_record_is_refused_by_every_cli(run_dir, tmp_path):
+    """Issue 35: deleting lm2_integrity.json must not turn the checksums off. lm2-train,
+    lm2-convert and lm2-eval each refuse the checkpoint in one line naming the file and the
+    flag that accepts it; with the flag, lm2-convert exports it (lm2-train's resume with the flag
+    is the test above)."""
+    from megatron_lm2.training.integrity import INTEGRITY_FILE
+
+    source, _ = run_dir
+    directory = _copy(source, tmp_path)
+    record = os.path.join(directory, "iter_0000004", INTEGRITY_FILE)
+    os.remove(record)
+    flag = "--allow-unverified-checkpoint"
+    runs = [
+        ("megatron_lm2.train", [*COMMON, "--train-iters", "6", "--save", directory], "lm2-train"),
+        ("megatron_lm2.convert.cli", ["to-hf", "--load", directory, "--save", str(tmp_path / "hf")], "lm2-convert"),
+        ("megatron_lm2.eval.cli", ["inspect", "--megatron", directory, "--text", "hello", "--tokenizer",
+                                   "default", "--out", str(tmp_path / "inspect")], "lm2-eval"),
+    ]
+    for module, args, prog in runs:
+        line = _one_line_error(_module(module, *args), prog)
+        assert f"{record}: missing" in line and flag in line, (prog, line)
+    assert not os.path.exists(tmp_path / "hf") and not os.path.exists(os.path.join(directory, "iter_0000006"))
+
+    accepted = _module("megatron_lm2.convert.cli", *runs[1][1], flag)
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "hf" / "config.json")
+
+
+_LATEST = {
+    "binary": bytes(range(256)),
+    "non-utf8": b"iter_000\xff\xfe0004\n",
+    "empty": b"",
+    "blank": b"\n \n",
+    "huge": b"iter_0000004" * 200_000,
+    "outside": b"../../etc\n",
+    "absolute": b"/tmp\n",
+    "nul": b"iter_0000004\x00\n",
+    "no-such-step": b"iter_0000009\n",
+}
+
+
+@pytest.mark.parametrize("content", list(_LATEST.values()), ids=list(_LATEST))
+def test_latest_of_any_content_is_one_line(run_dir, tmp_path, content):
+    """Whatever `latest` holds, reading it gives a TrackerError (a UserInputError: one line,
+    exit 2) naming the file, never a UnicodeDecodeError or a checkpoint outside the folder."""
+    from megatron_lm2.cli_errors import UserInputError
+    from megatron_lm2.convert.megatron_io import resolve_checkpoint
+    from megatron_lm2.training.checkpoint import latest_checkpoint
+
+    directory = str(tmp_path / "run")
+    os.makedirs(os.path.join(directory, "iter_0000004"))
+    tracker = os.path.join(directory, "latest")
+    with open(tracker, "wb") as handle:
+        handle.write(content)
+    for read in (latest_checkpoint, resolve_checkpoint):
+        with pytest.raises(UserInputError) as error:
+            read(directory)
+        message = str(error.value)
+        assert "\n" not in message and len(message) < 400 and message.startswith(tracker), message
+    # The well-formed name is accepted, so the refusals above are about the content.
+    with open(tracker, "wb") as handle:
+        handle.write(b"iter_0000004\n")
+    assert latest_checkpoint(directory) == os.path.join(directory, "iter_0000004")
+
+
+def test_binary_latest_is_one_line_in_lm2_train(run_dir, tmp_path):
+    source, _ = run_dir
+    directory = _copy(source, tmp_path)
+    with open(os.path.join(directory, "latest"), "wb") as handle:
+        handle.write(bytes(range(256)) * 4)
+    line = _one_line_error(_train(*COMMON, "--train-iters", "6", "--save", directory), "lm2-train")
+    assert f"{os.path.join(directory, 'latest')} holds" in line
 
 
 def test_metrics_have_each_step_once_after_a_resume(run_dir, tmp_path):

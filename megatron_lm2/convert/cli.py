@@ -46,6 +46,9 @@ def build_parser() -> ArgumentParser:
     )
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --save folder")
+    to_hf.add_argument("--allow-unverified-checkpoint", action="store_true",
+                       help="export a checkpoint that has no lm2_integrity.json (written before the record "
+                       "existed), unverified; without it such a checkpoint is refused")
 
     from_hf = sub.add_parser(
         "from-hf",
@@ -91,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = to_hf(
                 args.load, args.save, tokenizer=args.tokenizer, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                allow_unverified=args.allow_unverified_checkpoint,
             )
         else:
             from megatron_lm2.convert.from_hf import from_hf

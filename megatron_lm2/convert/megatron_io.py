@@ -8,8 +8,9 @@ loads.
 
 The model config travels next to the weights as `lm2_config.json` (megatron_config.py): lm2-train
 writes it into every checkpoint, and so does this module's save_checkpoint.
-A training checkpoint's lm2_integrity.json (megatron_lm2.training.integrity) is verified before
-loading: a damaged file is refused naming it.
+A checkpoint's lm2_integrity.json (megatron_lm2.training.integrity; lm2-train and save_checkpoint
+write it) is verified before loading: a damaged file is refused naming it, and so is a checkpoint
+without the record unless the caller allows it unverified (--allow-unverified-checkpoint).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from megatron_lm2.convert.megatron_config import CONFIG_FILE, config_from_run_flags, read_config, write_config
 # One error type for an unusable checkpoint, in training and in conversion.
-from megatron_lm2.training.integrity import CheckpointError, verify
+from megatron_lm2.training.integrity import CheckpointError, verify, write_record
 from megatron_lm2.training.integrity import describe as _first_line
 
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -90,10 +91,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     tracker = path / "latest"
     if not (path / "metadata.json").is_file() and tracker.is_file():
-        name = tracker.read_text().strip()
-        if not (path / name).is_dir():
-            raise CheckpointError(f"{tracker} names {name!r}, which is not a directory in {path}")
-        return path / name
+        from megatron_lm2.training.checkpoint import read_tracker  # one reading of `latest`
+
+        return path / read_tracker(str(tracker))
     return path
 
 
@@ -121,9 +121,10 @@ def checkpoint_config(path: Path, metadata):
     return config_from_run_flags(run, vocab_size=info[0][0] if info else None, source=str(path))
 
 
-def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+def check_checkpoint_dir(path: str | os.PathLike, allow_unverified: bool = False) -> Path:
     """A usable Megatron dist checkpoint directory (resolving a training run's `latest`), or a
-    CheckpointError saying what is wrong."""
+    CheckpointError saying what is wrong (a missing integrity record too, unless
+    `allow_unverified`)."""
     path = resolve_checkpoint(path)
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         raise CheckpointError(
@@ -139,7 +140,7 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"{path}: incomplete checkpoint: .metadata is missing (was the save interrupted?)"
         )
-    problem = verify(str(path))  # checksums, when the checkpoint recorded them
+    problem = verify(str(path), allow_unverified)  # checksums; a missing record is refused
     if problem:
         raise CheckpointError(problem)
     missing = sorted(f for f in shard_files(read_metadata(path)) if not (path / f).is_file())
@@ -189,13 +190,13 @@ def _plain(state: dict) -> Dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- load / save
-def load_checkpoint(path: str | os.PathLike):
+def load_checkpoint(path: str | os.PathLike, allow_unverified: bool = False):
     """(config at TP=1/PP=1, full state dict {megatron name: tensor}) of a dist checkpoint saved
     at any TP/PP, or of the newest checkpoint of a training --save directory."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    path = check_checkpoint_dir(path)
+    path = check_checkpoint_dir(path, allow_unverified)
     metadata = read_metadata(path)
     config = checkpoint_config(path, metadata)
     info = embedding_info(metadata)
@@ -284,6 +285,8 @@ def save_checkpoint(state: Dict[str, torch.Tensor], config, path: str | os.PathL
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
+    # The checksums lm2-train's checkpoints carry, so the import is verified like them.
+    write_record(str(tmp), 0, True, "imported by lm2-convert from-hf")
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -93,18 +93,19 @@ def to_hf(
     dtype: str | None = None,
     max_shard_size: str = "5GB",
     overwrite: bool = False,
+    allow_unverified: bool = False,
 ) -> Path:
     load, save = Path(load), Path(save)
     if save.exists() and any(save.iterdir()) and not overwrite:
         raise CheckpointError(f"{save} exists and is not empty (pass --overwrite to replace it)")
-    path = check_checkpoint_dir(load)
+    path = check_checkpoint_dir(load, allow_unverified)
     config = checkpoint_config(path, read_metadata(path))
     tok = None
     if tokenizer is not None:
         from megatron_lm2.convert.tokenizer_files import check_tokenizer, token_ids
 
         tok = check_tokenizer(tokenizer, config.vocab_size)  # fail before the slow part
-    config, state = load_checkpoint(path)
+    config, state = load_checkpoint(path, allow_unverified)
     target = DTYPES[dtype] if dtype else next(iter(state.values())).dtype
 
     ids = {}

@@ -55,13 +55,14 @@ def load_hf(path: str, dtype: str = "float32", device: str = "cpu", trust_remote
     return Loaded("hf", model.to(device).eval(), tokenizer, model.config)
 
 
-def load_megatron(path: str, tokenizer: Optional[str] = None, overrides: Optional[dict] = None) -> Loaded:
+def load_megatron(path: str, tokenizer: Optional[str] = None, overrides: Optional[dict] = None,
+                  allow_unverified: bool = False) -> Loaded:
     """A dist checkpoint saved at any TP/PP, loaded at TP=1/PP=1 (megatron_lm2.convert)."""
     from megatron_lm2.convert.megatron_io import load_checkpoint
     from megatron_lm2.model import build_model
     from megatron_lm2.tokenizer import load_tokenizer
 
-    config, state = load_checkpoint(path)
+    config, state = load_checkpoint(path, allow_unverified)
     if overrides:
         config = config.replace(**overrides)
     model = build_model(config, pre_process=True, post_process=True)

@@ -49,6 +49,9 @@ def _add_model_flags(p: argparse.ArgumentParser, hf: bool = True) -> None:
                         "for LM2 (pretrained on documents with no BOS), the tokenizer's default for other HF models "
                         "(as the benchmark's runner)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors (also LM2_DEBUG=1)")
+    p.add_argument("--allow-unverified-checkpoint", action="store_true",
+                   help="Megatron backend: load a checkpoint that has no lm2_integrity.json (written before the "
+                        "record existed), unverified; without it such a checkpoint is refused")
 
 
 def _device(args) -> str:
@@ -78,7 +81,8 @@ def _load(args):
     from megatron_lm2.convert.megatron_io import ensure_single_process
 
     ensure_single_process()
-    loaded = backends.load_megatron(args.megatron, args.tokenizer)
+    loaded = backends.load_megatron(args.megatron, args.tokenizer,
+                                    allow_unverified=getattr(args, "allow_unverified_checkpoint", False))
     if _device(args) != "cpu":
         loaded.model.to(_device(args))
     return loaded

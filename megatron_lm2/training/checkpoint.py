@@ -75,12 +75,29 @@ def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
     tracker = os.path.join(directory, TRACKER)
     if not os.path.isfile(tracker):
         return None
-    with open(tracker) as handle:
-        name = handle.read().strip()
-    path = os.path.join(directory, name)
-    if not _ITER.match(name) or not os.path.isdir(path):
-        raise TrackerError(f"{tracker} names {name!r}, which is not a checkpoint directory in {directory}")
-    return path
+    return os.path.join(directory, read_tracker(tracker))
+
+
+_TRACKER_MAX = 256  # an iter_N name is 12-20 bytes: read no more of a file of any size
+
+
+def read_tracker(tracker: str) -> str:
+    """The checkpoint name a `latest` file holds; TrackerError (one line) for any content that is
+    not one iter_N directory beside it: binary, huge, empty, non-UTF-8, a path elsewhere."""
+    directory = os.path.dirname(tracker)
+    try:
+        with open(tracker, "rb") as handle:
+            raw = handle.read(_TRACKER_MAX + 1)
+    except OSError as error:
+        raise TrackerError(f"{tracker}: cannot read it ({error.strerror})") from None
+    text = raw[:_TRACKER_MAX].decode("ascii", errors="replace").strip()
+    shown = repr(text[:40] + ("..." if len(text) > 40 or len(raw) > _TRACKER_MAX else ""))
+    if len(raw) > _TRACKER_MAX or not _ITER.match(text) or not raw.isascii():
+        raise TrackerError(f"{tracker} holds {shown}, not the name of a checkpoint directory (iter_NNNNNNN) "
+                           f"in {directory}; point it at one or remove it")
+    if not os.path.isdir(os.path.join(directory, text)):
+        raise TrackerError(f"{tracker} names {text!r}, which is not a checkpoint directory in {directory}")
+    return text
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -291,9 +308,10 @@ def _load_error(path: str, error: BaseException) -> CheckpointError:
     return CheckpointError(f"{path}: cannot load the checkpoint ({integrity.describe(error)})")
 
 
-def verify_checkpoint(path: str) -> None:
-    """Refuse a damaged checkpoint (collective): one line naming the file."""
-    problem = integrity.verify(path)
+def verify_checkpoint(path: str, allow_unverified: bool = False) -> None:
+    """Refuse a damaged checkpoint, or one without its integrity record unless
+    `allow_unverified` (collective): one line naming the file."""
+    problem = integrity.verify(path, allow_unverified)
     if problem:
         raise CheckpointError(problem)
 
@@ -316,12 +334,14 @@ def load_common(path: str) -> dict:
         raise _load_error(os.path.join(path, "common.pt"), error) from error
 
 
-def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: bool = True) -> dict:
+def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: bool = True,
+                    allow_unverified: bool = False) -> dict:
     """Load into the model chunks (any TP/PP layout), the optimizer and the scheduler; restore
     RNG when the layout matches the saved one. Returns the train_state dict (step, consumed
     samples, counters) and `resharded` (True when the layout differs). A damaged checkpoint
-    (checksums) or one that fails to load raises CheckpointError naming it."""
-    verify_checkpoint(path)
+    (checksums), one without its integrity record (unless `allow_unverified`) or one that fails
+    to load raises CheckpointError naming it."""
+    verify_checkpoint(path, allow_unverified)
     common = load_common(path)
     saved, now = common.get("layout", {}), _layout()
     same_layout = saved.get("tp") == now["tp"] and saved.get("pp") == now["pp"]
@@ -353,11 +373,11 @@ def read_train_state(path: str) -> dict:
     return dict(load_common(path)["train_state"])
 
 
-def load_weights(path: str, chunks) -> None:
+def load_weights(path: str, chunks, allow_unverified: bool = False) -> None:
     """Weights only (any TP/PP layout): the model tensors of a dist checkpoint, e.g. one written by
     `lm2-convert from-hf` or a training checkpoint whose optimizer state is to be dropped."""
     state = _model_state(chunks)
-    verify_checkpoint(path)
+    verify_checkpoint(path, allow_unverified)
     loaded = _load(state, path)
     for index, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded[_model_key(index, chunks)], strict=True)

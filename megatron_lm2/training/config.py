@@ -27,6 +27,7 @@ from typing import List, Literal, Optional, Sequence
 from megatron_lm2.cli_args import ArgumentParser
 from megatron_lm2.config import MODEL_FIELDS as DECLARED_MODEL_FIELDS
 from megatron_lm2.config import ConfigError, LM2Config, without_optional
+from megatron_lm2.training import divergence
 
 DATALOADERS = ("megatron", "dali")
 FP8_FORMATS = ("hybrid", "e4m3")
@@ -117,6 +118,13 @@ class TrainConfig(ModelFlags):
     seed: int = _f(1234, "random seed (init, data order)", nonneg=True)
     max_skipped_steps: int = _f(5, "halt after this many steps in a row with NaN/Inf loss or "
                                 "gradients (each is skipped)", positive=True)
+    divergence_loss_factor: float = _f(
+        divergence.DEFAULT_LOSS_FACTOR, "divergence guard: halt (before saving) when the loss stays above this many times its running "
+        "median for --divergence-loss-steps steps in a row (0 = off)", nonneg=True)
+    divergence_loss_steps: int = _f(divergence.DEFAULT_LOSS_PATIENCE, "divergence guard: steps in a row the loss may stay above "
+                                    "--divergence-loss-factor x its median", nonneg=True)
+    max_weight_rms: float = _f(divergence.DEFAULT_MAX_WEIGHT_RMS, "divergence guard: halt (before saving) when the RMS of all weights "
+                               "exceeds this (healthy models: 0.01 .. 1; 0 = off)", nonneg=True)
 
     # ---- data
     data_path: Optional[List[str]] = _f(
@@ -150,6 +158,9 @@ class TrainConfig(ModelFlags):
                              "resume from the newest older known-good one instead of stopping",
                              group="checkpoint")
     no_save_on_signal: bool = _f(False, "do not save on SIGTERM / SIGUSR1", group="checkpoint")
+    allow_unverified_checkpoint: bool = _f(
+        False, "load (resume or --init-from) a checkpoint that has no lm2_integrity.json, unverified: one "
+        "written before the record existed; without it such a checkpoint is refused", group="checkpoint")
 
     # ---- logging and evaluation
     log_interval: int = _f(10, "steps per log line", positive=True, group="logging")

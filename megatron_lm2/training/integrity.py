@@ -14,8 +14,10 @@ rank i mod world), which assumes what the rename already does: a filesystem ever
 (recorded afterwards, see demote) the first step after it not skipped either: the weights a
 too-large update leaves can be finite yet give NaN gradients on the next batch.
 
-A checkpoint without the file (written before it existed) loads unverified; its goodness is
-unknown (None), which keep-last treats as good.
+A checkpoint without the file is refused (CheckpointError naming the file): losing that one file
+must not turn the check off. `--allow-unverified-checkpoint` (lm2-train, lm2-convert, lm2-eval)
+loads one anyway, for checkpoints written before the record existed; its goodness is unknown
+(None), which keep-last treats as good.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.fileio import write_json_atomic
 
 INTEGRITY_FILE = "lm2_integrity.json"
+ALLOW_FLAG = "--allow-unverified-checkpoint"
 ALGORITHM = "sha256"
 _BLOCK = 1 << 22  # 4 MiB reads
 
@@ -162,13 +165,21 @@ def _check_one(directory: str, name: str, entry: dict) -> Optional[str]:
     return None
 
 
-def verify(directory: str) -> Optional[str]:
-    """None when every file matches its recorded size and checksum (or there is no record);
-    else one line naming the first bad file. Collective when distributed: each rank checks
-    its share and every rank returns the same answer."""
+def missing_record(directory: str) -> str:
+    """The one line for a checkpoint without an integrity record."""
+    return (f"{os.path.join(directory, INTEGRITY_FILE)}: missing, so the checkpoint's files cannot be "
+            f"verified; pass {ALLOW_FLAG} to load it unverified (a checkpoint written before the "
+            f"record existed)")
+
+
+def verify(directory: str, allow_unverified: bool = False) -> Optional[str]:
+    """None when every file matches its recorded size and checksum (or there is no record and
+    `allow_unverified`); else one line naming the first bad file, or the missing record.
+    Collective when distributed: each rank checks its share and every rank returns the same
+    answer (every rank sees the same directory, so the missing-record answer agrees too)."""
     record = read_record(directory)
     if record is None:
-        return None
+        return None if allow_unverified else missing_record(directory)
     rank, world = _world()
     names = sorted(record["files"])
     problems = {}

@@ -51,6 +51,7 @@ from megatron_lm2.training.build import (
     transformer_backend,
 )
 from megatron_lm2.training.config import TrainConfig
+from megatron_lm2.training.divergence import DivergenceGuard
 from megatron_lm2.training.integrity import CheckpointError
 from megatron_lm2.training.signals import ExitSignal, all_ranks
 
@@ -96,6 +97,9 @@ class Trainer:
         self.consecutive_skips = 0
         self.resumed_from: Optional[str] = None
         self._unconfirmed: Optional[str] = None  # the checkpoint the next step confirms or demotes
+        self.divergence = DivergenceGuard(loss_factor=train_config.divergence_loss_factor,
+                                          loss_patience=train_config.divergence_loss_steps,
+                                          max_weight_rms=train_config.max_weight_rms)
         self._maybe_resume()
 
         self.train_set, self.valid_set = data.build_datasets(train, self.source, self.seq_length)
@@ -160,7 +164,9 @@ class Trainer:
                 problem = f"{path} is recorded as not known-good (saved while steps were being skipped)"
             else:
                 try:
-                    return checkpoint.load_checkpoint(path, self.model_chunks, self.optimizer, self.scheduler), path
+                    return checkpoint.load_checkpoint(
+                        path, self.model_chunks, self.optimizer, self.scheduler,
+                        allow_unverified=self.train_config.allow_unverified_checkpoint), path
                 except CheckpointError as error:
                     if not fallback:
                         older = checkpoint.newest_known_good(directory, below=checkpoint.step_of(path))
@@ -185,7 +191,8 @@ class Trainer:
         if path is None:
             raise ConfigError(f"--init-from {directory}: not a dist checkpoint (no metadata.json) and no "
                               f"'latest' file naming one")
-        checkpoint.load_weights(path, self.model_chunks)
+        checkpoint.load_weights(path, self.model_chunks,
+                                allow_unverified=self.train_config.allow_unverified_checkpoint)
         self.optimizer.reload_model_params()  # bf16: the fp32 main weights follow the loaded ones
         log.info(f"initialised weights from {path} (fresh optimizer, step 0)")
 
@@ -257,6 +264,32 @@ class Trainer:
         if not sums:
             return torch.tensor(True, device=device())
         return torch.isfinite(torch.stack(sums)).all()
+
+    def _weight_rms(self) -> Optional[float]:
+        """RMS over every weight (all ranks; DP replicas count alike, so the ratio is unchanged):
+        one fp32 sum of squares per DDP buffer and one all-reduce. None when the guard is off."""
+        if self.train_config.max_weight_rms <= 0:
+            return None
+        total = torch.zeros(2, dtype=torch.float64, device=device())
+        for model_chunk in self.model_chunks:
+            for buffer in model_chunk.buffers + model_chunk.expert_parallel_buffers:
+                tensors = [buffer.param_data] if buffer.param_data is not None else buffer.params
+                for tensor in tensors:
+                    total[0] += torch.sum(tensor.detach().double() ** 2)
+                    total[1] += tensor.numel()
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return math.sqrt(total[0].item() / max(total[1].item(), 1.0))
+
+    def _check_divergence(self, record: dict) -> None:
+        """Halt before anything is saved once the guard's verdict is in (divergence.py)."""
+        if record["skipped"]:
+            return
+        verdict = self.divergence.observe(record["loss"], self._weight_rms())
+        if verdict:
+            raise TrainingHalted(self._halt_message(f"the run diverged at step {self.step}: {verdict}")
+                                 + "Lower --lr / --weight-decay, or loosen the guard (--max-weight-rms, "
+                                   "--divergence-loss-factor, --divergence-loss-steps; 0 = off).")
 
     def _halt_message(self, what: str) -> str:
         if not self.train_config.save:
@@ -358,6 +391,7 @@ class Trainer:
                               lr=self._lr(), skipped=result["skipped"])
                 self._confirm_last_save(result["skipped"])
                 self.history.append(record)
+                self._check_divergence(record)
                 if self.consecutive_skips >= train.max_skipped_steps:
                     raise TrainingHalted(self._halt_message(
                         f"{self.consecutive_skips} steps in a row had a NaN/Inf loss or gradient "
@@ -399,9 +433,11 @@ class Trainer:
         finite = all_ranks(self._params_finite())
         if not finite:  # cannot happen after a checked update; loaded or initial weights may
             raise TrainingHalted(self._halt_message("the weights to be saved are not finite"))
-        known_good = self.consecutive_skips == 0
+        known_good = self.consecutive_skips == 0 and not self.divergence.suspicious
         reason = ("weights finite, last step not skipped" if known_good else
-                  f"saved after {self.consecutive_skips} skipped step(s) in a row")
+                  f"saved after {self.consecutive_skips} skipped step(s) in a row" if self.consecutive_skips
+                  else f"saved while the loss was {self.divergence.streak} step(s) above the divergence "
+                       f"guard's bound")
         path = checkpoint.save_checkpoint(
             self.train_config.save, self.step, self.model_chunks, self.optimizer, self.scheduler,
             dict(consumed_samples=self.consumed_samples, skipped_steps=self.skipped_steps),
