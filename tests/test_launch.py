@@ -127,7 +127,7 @@ def test_quickstart_end_to_end(tmp_path):
     result = subprocess.run(
         ["bash", os.path.join(ROOT, "examples", "quickstart.sh")], capture_output=True, text=True, timeout=900,
         env=_env(LM2_PYTHON=sys.executable, LM2_QUICKSTART_DIR=str(out), LM2_QUICKSTART_STEPS="10",
-                 LM2_QUICKSTART_STORIES="2"))
+                 LM2_QUICKSTART_STORIES="2", LM2_QUICKSTART_MEMORY_STEPS="10"))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert (out / "loss.png").stat().st_size > 10_000
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
@@ -154,6 +154,16 @@ def test_quickstart_end_to_end(tmp_path):
     assert 0.0 <= recall["accuracy"] <= 1.0 and recall["accuracy"] * 8 == round(recall["accuracy"] * 8)
     for picture in ("read_attention.png", "gates.png"):
         assert (out / "memory" / picture).stat().st_size > 10_000
+    # Step 8/8, the fact beyond the window (10 steps here: the targets are checked from 100 steps,
+    # benchmarks/memory_experiment.md): both twins trained on the same task and were evaluated.
+    fact = json.loads((out / "fact" / "runs.json").read_text())["runs"]
+    assert sorted(r["flavor"] for r in fact) == ["debug-vanilla", "lm2-debug"]
+    for run in fact:
+        assert run["settings"]["steps"] == 10 and run["settings"]["window"] == 32
+        assert [step for step, _ in run["curve"]][-1] == 10
+        n, chance = run["settings"]["eval_samples"], 1 / run["settings"]["values"]
+        assert run["curve"][0][1] <= chance + 4 * (chance * (1 - chance) / n) ** 0.5  # untrained: no recall
+    assert (out / "fact" / "read_attention.png").stat().st_size > 10_000
 
 
 def _fake_slurm(bin_dir, log):
