@@ -219,11 +219,15 @@ def checkpoint_writer_dies_with_us() -> None:
     and keeps it for the life of the process. It exits with a trainer that exits or is
     SIGTERMed, but a trainer killed with SIGKILL leaves it (and the resource tracker beside it)
     orphaned. Start that Manager ourselves, with PR_SET_PDEATHSIG (Linux), so that the kernel
-    ends it with the trainer."""
+    ends it with the trainer; and tie the writer processes it forks during a save to the trainer
+    the same way (child_process.forks_die_with_us)."""
     global _WRITER_MANAGER
     check_megatron_core_version()
     if not sys.platform.startswith("linux"):
         return
+    from megatron_lm2.child_process import forks_die_with_us
+
+    forks_die_with_us()
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:

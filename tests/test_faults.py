@@ -452,25 +452,44 @@ def test_tokenizer_vocabulary_too_large_is_one_line(tmp_path):
 # ---------------------------------------------------------------------- orphans
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_no_helper_process_outlives_the_trainer(tmp_path, sig):
+    """The signal lands during a save, while megatron-core's forked writer processes run (they
+    carry the trainer's command line): every descendant seen, the writers, the checkpoint
+    writer's Manager and the resource tracker, is gone soon after."""
     import psutil
 
     directory = str(tmp_path / "ckpt")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "megatron_lm2.train", *COMMON, "--train-iters", "500", "--save", directory,
-         "--save-interval", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    argv = [sys.executable, "-m", "megatron_lm2.train", *COMMON, "--train-iters", "500", "--save", directory,
+            "--save-interval", "2"]
+    # Output to a file, not a pipe: a surviving writer would hold a pipe open and stall the read.
+    log = open(tmp_path / "trainer.log", "w")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    trainer = psutil.Process(process.pid)
+    seen, writer_seen = {}, False
     deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not os.path.isdir(
-            os.path.join(directory, "iter_0000004")):
-        time.sleep(0.05)
-    children = psutil.Process(process.pid).children(recursive=True)
-    # The checkpoint writer's multiprocessing Manager (and its resource tracker).
-    assert children, "no helper processes to check"
+    while time.time() < deadline and process.poll() is None and not writer_seen:
+        for child in trainer.children(recursive=True):
+            try:
+                seen[child.pid] = child
+                writer_seen |= child.cmdline()[1:4] == argv[1:4]  # a fork of the trainer: a writer
+            except psutil.Error:
+                pass
+        time.sleep(0.002)
+    assert writer_seen, ("no save's writer process seen", process.poll(), len(seen))
+    time.sleep(0.02)  # into the write: killed at its fork, a writer has nothing to wait for yet
+    for child in trainer.children(recursive=True):
+        seen[child.pid] = child
     process.send_signal(sig)
-    process.communicate(timeout=300)
-    _, alive = psutil.wait_procs(children, timeout=20)
+    process.wait(timeout=300)
+    log.close()
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=20)
+    described = []
     for child in alive:
-        child.kill()
-    assert not alive, [(c.pid, c.cmdline()) for c in alive]
+        try:
+            described.append((child.pid, child.cmdline()))
+            child.kill()
+        except psutil.Error:
+            pass
+    assert not described, described
 
 
 # ------------------------------------------------------------------ WSD and val by chunk
