@@ -275,6 +275,45 @@ def test_checkpoint_without_checksums_loads_and_a_broken_one_names_the_checkpoin
     assert losses == expected
 
 
+def _flip(path):
+    with open(path, "r+b") as handle:
+        handle.seek(os.path.getsize(path) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _truncate(path):
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) - 7)
+
+
+def _edit_config(path):
+    config = json.loads(open(path).read())
+    config["hidden_size"] = config.get("hidden_size", 0) + 32
+    open(path, "w").write(json.dumps(config))
+
+
+@pytest.mark.parametrize("target,damage,expect", [
+    ("shard", _flip, "sha256 does not match"),
+    ("shard", _truncate, "bytes, the checkpoint recorded"),
+    ("shard", os.remove, "missing"),
+    ("lm2_config.json", _edit_config, "damaged file"),
+    ("lm2_integrity.json", lambda p: open(p, "wb").write(b"\x00\xffnot a record"), "unreadable integrity record"),
+], ids=["flipped-bytes", "truncated", "deleted", "edited-config", "garbage-record"])
+def test_damaged_checkpoint_is_refused_in_one_line_naming_the_file(run_dir, tmp_path, target, damage, expect):
+    """Issue 35's trial list, each through a real lm2-train resume: one line naming the damaged
+    file and offering --load-fallback; nothing is trained or saved past the damaged step."""
+    source, _ = run_dir
+    directory = _copy(source, tmp_path)
+    checkpoint = os.path.join(directory, "iter_0000004")
+    path = os.path.join(checkpoint, _shard(checkpoint) if target == "shard" else target)
+    damage(path)
+    line = _one_line_error(_train(*COMMON, "--train-iters", "6", "--save", directory), "lm2-train")
+    assert path in line and expect in line and "--load-fallback" in line, line
+    assert not os.path.exists(os.path.join(directory, "iter_0000006"))
+
+
 def test_missing_integrity_record_is_refused_by_every_cli(run_dir, tmp_path):
     """Issue 35: deleting lm2_integrity.json must not turn the checksums off. lm2-train,
     lm2-convert and lm2-eval each refuse the checkpoint in one line naming the file and the
