@@ -20,6 +20,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 USAGE_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class UserInputError(ValueError):
@@ -57,6 +58,11 @@ def cli_entry(prog: str) -> Callable:
                     raise
                 print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
                 return USAGE_EXIT_CODE
+            except KeyboardInterrupt:  # Ctrl-C where no handler saves first (lm2-train's does)
+                if debug:
+                    raise
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return INTERRUPTED_EXIT_CODE
 
         return run
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lm2.folder_lock import FolderLock, FolderLockError
 from megatron_lm2.preprocess import encode as encode_mod
 from megatron_lm2.preprocess.manifest import build_manifest, check_or_write_run, write_manifest
 from megatron_lm2.preprocess.readers import InputFile, discover_inputs, iter_tasks
@@ -115,7 +116,33 @@ def run(cfg: PreprocessConfig) -> tuple[dict | None, RankStats]:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 65500 else np.int32)
     files = discover_inputs(cfg.inputs, cfg.subsets)
     out_dir = Path(cfg.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_output(cfg.output, rank, comm)  # one writer per --output, before anything is written
+    try:
+        return _run_locked(cfg, comm, rank, world, tokenizer, fast_name, fast_note, dtype, files, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_output(output: str, rank: int, comm):
+    """Rank 0 takes the lock on --output; every rank learns the verdict (the same line on all)."""
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = FolderLock(output, "lm2-preprocess", "--output").acquire()
+            if lock.took_over:
+                print(f"lm2-preprocess: warning: --output {output}: took over the lock of {lock.took_over}",
+                      file=sys.stderr)
+        except FolderLockError as error:
+            problem = str(error)
+    if comm is not None and comm.Get_size() > 1:
+        problem = comm.bcast(problem, root=0)
+    if problem is not None:
+        raise FolderLockError(problem)
+    return lock
+
+
+def _run_locked(cfg, comm, rank, world, tokenizer, fast_name, fast_note, dtype, files, out_dir):
     run_record = {"tokenizer": tokenizer.identity(), "shard_tokens": cfg.shard_tokens, "json_key": cfg.json_key,
                   "dtype": dtype.name, "files": [{"path": f.path, "size": f.size} for f in files]}
     check_or_write_run(out_dir, run_record, write=rank == 0)   # every rank fails the same way

@@ -1,20 +1,23 @@
 """Save-and-exit on SIGTERM / SIGUSR1 (slurm preemption: `--signal=USR1@120`, or torchrun
-forwarding them). The handler only sets a flag; the trainer checks it after each step on every
-rank together (a signal may reach only some ranks), saves, and exits.
+forwarding them) and SIGINT (Ctrl-C). The handler only sets a flag; the trainer checks it after
+each step on every rank together (a signal may reach only some ranks), saves, and exits. A
+second Ctrl-C while that runs exits at once, with one line and no traceback (exit 130).
 
 `all_ranks(ok)` is the one "do all ranks agree" reduction: the trainer's finite-loss and
 finite-weights checks and the signal check use it."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
 from megatron_lm2.compat import device
 
-HANDLED = (signal.SIGTERM, signal.SIGUSR1)
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def all_ranks(ok) -> bool:
@@ -43,6 +46,15 @@ class ExitSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received is not None:
+            sys.stderr.write("lm2-train: interrupted again: exiting now, without the save; the newest "
+                             "complete checkpoint is the one `latest` names\n")
+            sys.stderr.flush()
+            os._exit(130)
+        if signum == signal.SIGINT and self.received is None:
+            sys.stderr.write("lm2-train: interrupted: saving after this step, then exiting "
+                             "(Ctrl-C again to exit at once, without saving)\n")
+            sys.stderr.flush()
         self.received = signal.Signals(signum).name
 
     def any_rank(self) -> bool:

@@ -53,6 +53,7 @@ from megatron_lm2.training.build import (
 from megatron_lm2.training.config import TrainConfig
 from megatron_lm2.training.divergence import DivergenceGuard
 from megatron_lm2.training.integrity import CheckpointError
+from megatron_lm2.folder_lock import FolderLock, FolderLockError
 from megatron_lm2.training.signals import ExitSignal, all_ranks
 
 log = get_logger(__name__)
@@ -76,6 +77,8 @@ class Trainer:
             train.virtual_pipeline_size(), seed=train.seed)
         setup_logging(self.rank)
         _check_parallel_state(train)
+        # One writer per --save, taken before anything is built (folder_lock.py).
+        self.folder_lock = _lock_folder(train.save, self.rank) if train.save else None
         self.dp_size = train.data_parallel_size(self.world_size)
         self.num_microbatches = train.num_microbatches(self.world_size)
 
@@ -400,7 +403,7 @@ class Trainer:
                 if logged:
                     self._log_interval(record, interval_time, interval_steps, run_start, start_step)
                     interval_time, interval_steps = 0.0, 0
-                if train.eval_interval and self.step % train.eval_interval == 0:
+                if train.eval_interval and train.eval_iters and self.step % train.eval_interval == 0:
                     self._log_eval()
                 signalled = self.signals.any_rank()
                 exiting = signalled or (train.exit_interval and self.step % train.exit_interval == 0)
@@ -419,7 +422,14 @@ class Trainer:
             self.signals.restore()
             if self.writer is not None:
                 self.writer.close()
+            self.close()
         return self.history
+
+    def close(self) -> None:
+        """Give the --save folder back (run() does; a trainer built and not run may call it)."""
+        if self.folder_lock is not None:
+            self.folder_lock.release()
+            self.folder_lock = None
 
     def _confirm_last_save(self, skipped: bool) -> None:
         """The first step after a save (or resume) judges its weights: skipped -> demoted."""
@@ -430,6 +440,12 @@ class Trainer:
 
     def save(self) -> str:
         started = time.perf_counter()
+        held = self.folder_lock.held() if self.folder_lock is not None else True
+        if not all_ranks(held):
+            if self.folder_lock is not None:
+                self.folder_lock.check_held()  # rank 0: the line naming the new holder
+            raise FolderLockError(f"{self.train_config.save}: this run's lock was taken over; stopping "
+                                  f"without saving")
         finite = all_ranks(self._params_finite())
         if not finite:  # cannot happen after a checked update; loaded or initial weights may
             raise TrainingHalted(self._halt_message("the weights to be saved are not finite"))
@@ -493,6 +509,26 @@ class Trainer:
                 f"{'bf16' if t.bf16 else 'fp32'}{' fp8-' + t.fp8_format if t.fp8_format else ''} | "
                 f"{t.train_iters} steps from step {self.step} | data "
                 f"{'mock' if self.source.blend is None else self.source.manifest}")
+
+
+def _lock_folder(folder: str, rank: int) -> Optional[FolderLock]:
+    """Global rank 0 takes the lock; every rank learns the verdict, so a refused run ends on all
+    ranks with the same line (and none waits in a collective for a rank that left)."""
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = FolderLock(folder, "lm2-train", "--save").acquire()
+            if lock.took_over:
+                log.warning(f"--save {folder}: took over the lock of {lock.took_over}")
+        except FolderLockError as error:
+            problem = str(error)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise FolderLockError(problem)
+    return lock
 
 
 def _check_parallel_state(train: TrainConfig) -> None:
