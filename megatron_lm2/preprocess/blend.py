@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from megatron_lm2.cli_errors import UserInputError
@@ -42,7 +43,7 @@ def parse_weights(spec: str) -> str | dict[str, float]:
             weights[name.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not name.strip() or weights[name.strip()] < 0:
+        if not sep or not name.strip() or not math.isfinite(weights[name.strip()]) or weights[name.strip()] < 0:
             raise BlendError(f"--blend {spec!r}: expected 'tokens', 'paper' or SUBSET=WEIGHT[,SUBSET=WEIGHT...]")
     return weights
 

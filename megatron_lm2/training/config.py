@@ -165,7 +165,7 @@ class TrainConfig(ModelFlags):
     # ---- logging and evaluation
     log_interval: int = _f(10, "steps per log line", positive=True, group="logging")
     eval_interval: Optional[int] = _f(None, "validate every N steps", positive=True, group="logging")
-    eval_iters: int = _f(10, "validation batches per evaluation", positive=True, group="logging")
+    eval_iters: int = _f(10, "validation batches per evaluation (0: no validation)", nonneg=True, group="logging")
     tensorboard_dir: Optional[str] = _f(None, "TensorBoard event directory (default: <save>/tensorboard)",
                                         group="logging")
     wandb_project: Optional[str] = _f(None, "log to this Weights & Biases project (needs wandb)",
@@ -233,7 +233,7 @@ class TrainConfig(ModelFlags):
         except ValueError:
             raise ConfigError(f"--split {self.split!r}: expected three non-negative numbers like 98,2,0 "
                               f"with a positive train share") from None
-        if self.eval_interval and split[1] == 0:
+        if self.eval_interval and self.eval_iters and split[1] == 0:
             raise ConfigError(f"--eval-interval {self.eval_interval} needs a validation share in --split "
                               f"(got {self.split!r})")
         if self.save_interval and not self.save:

@@ -24,6 +24,7 @@ sampler). Resuming at step s needs only `consumed_samples = s*G`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections import OrderedDict
@@ -97,6 +98,9 @@ def resolve_source(train: TrainConfig) -> DataSource:
     else:
         prefixes, weights = _parse_prefixes(train.data_path)
         manifest = None if train.tokenizer else _find_manifest(prefixes[0])
+    where = (f"--blend-file {train.blend_file}" if train.blend_file else
+             f"--data-path {train.data_path[0]} (its blend.json)" if len(train.data_path) == 1 else "--data-path")
+    check_weights(prefixes, weights, where)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
@@ -124,22 +128,12 @@ def model_config_for(train: TrainConfig, source: DataSource) -> LM2Config:
 def expected_bin_bytes(idx_path: str) -> int:
     """The size PREFIX.bin must have, from megatron-core's IndexedDataset index: the last
     sequence's byte offset plus its length in tokens times the token size."""
-    import logging
-
     from megatron.core.datasets.indexed_dataset import _IndexReader
 
-    logger = logging.getLogger("megatron.core.datasets.indexed_dataset")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # the reader logs every array it maps
-    try:
-        index = _IndexReader(idx_path, multimodal=False)
-        if len(index.sequence_lengths) == 0:
-            return 0
-        return int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-    except (OSError, ValueError, AssertionError, IndexError, struct.error) as error:
-        raise ConfigError(f"data index {idx_path}: unreadable ({type(error).__name__}: {error})") from None
-    finally:
-        logger.setLevel(level)
+    index = _read_index(idx_path, _IndexReader)
+    if len(index.sequence_lengths) == 0:
+        return 0
+    return int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
 
 
 def check_shard_size(prefix: str) -> None:
@@ -180,6 +174,21 @@ def _load_blend(path: str, flag: str) -> Tuple[List[str], Optional[List[float]]]
     except (OSError, ValueError, KeyError) as error:
         raise ConfigError(f"{flag}: cannot read blend file {path}: {error}") from None
     return list(prefixes), (list(map(float, weights)) if weights else None)
+
+
+def check_weights(prefixes: List[str], weights: Optional[List[float]], where: str) -> None:
+    """Blend weights are finite and positive, whatever their source. Zero is refused rather than
+    read as "leave it out": megatron-core asserts on it, and a prefix left in with weight 0 is
+    more often a typo than a wish (remove the prefix to leave it out)."""
+    if weights is None:
+        return
+    if len(weights) != len(prefixes):
+        raise ConfigError(f"{where}: {len(weights)} weights for {len(prefixes)} prefixes")
+    for prefix, weight in zip(prefixes, weights):
+        if not math.isfinite(weight) or weight <= 0:
+            hint = "; to leave a prefix out, remove it from the blend" if weight == 0 else ""
+            raise ConfigError(f"{where}: weight {weight:g} for {prefix}: blend weights must be finite and "
+                              f"positive{hint}")
 
 
 def _parse_prefixes(items: List[str]) -> Tuple[List[str], Optional[List[float]]]:
@@ -249,13 +258,67 @@ def build_datasets(train: TrainConfig, source: DataSource, seq_length: int):
     valid_samples = evaluations * train.eval_iters * train.global_batch_size
     cls = MockGPTDataset if source.blend is None else GPTDataset
     config = dataset_config(train, source, seq_length)
-    train_set, valid_set, _ = BlendedMegatronDatasetBuilder(
-        cls, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
+    sizes = [train_samples, valid_samples, 0]
+    # A split the run asks nothing of is not built: megatron-core asks even an unused split for
+    # one token, and loops forever in GPTDataset._get_num_epochs on a split of 0 documents. The
+    # bounds of the other splits stay as --split sets them, so the train documents do not move.
+    config.split_matrix = [bounds if (i == 0 or sizes[i] > 0) else None
+                           for i, bounds in enumerate(config.split_matrix)]
+    if source.blend is not None:
+        check_splits(train.split, config.split_matrix, sizes, source.blend, seq_length)
+    train_set, valid_set, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     if train_set is None or len(train_set) < train_samples:
         raise ConfigError(f"the training split holds {0 if train_set is None else len(train_set)} "
                           f"samples, fewer than --train-iters x --global-batch-size = {train_samples}")
     return train_set, valid_set
+
+
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+def check_splits(split: str, split_matrix, sizes, blend, seq_length: int) -> None:
+    """Every split the run draws samples from gets, in every shard of positive weight, at least
+    one document and one sequence's worth of tokens (seq_length + 1), counted from the .idx as
+    megatron-core will cut it (round(bound x documents)); otherwise megatron loops forever or
+    fails at some step. One line naming the shard, the split and the counts."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    prefixes, weights = blend
+    for k, prefix in enumerate(prefixes):
+        if weights is not None and weights[k] <= 0:
+            continue
+        index = _read_index(prefix + ".idx", _IndexReader)
+        documents = len(index.document_indices) - 1
+        for i, bounds in enumerate(split_matrix):
+            if bounds is None or not sizes[i]:
+                continue
+            begin, end = int(round(bounds[0] * documents)), int(round(bounds[1] * documents))
+            need = seq_length + 1
+            # Each document has >= 1 token: the first `need` of them settle the question.
+            last = min(end, begin + need)
+            sequences = index.document_indices[begin:last + 1]
+            tokens = int(index.sequence_lengths[sequences[0]:sequences[-1]].sum()) if last > begin else 0
+            if tokens < need:
+                off = ("turn validation off (--eval-iters 0, or --split 100,0,0 without --eval-interval)"
+                       if i else "give more data")
+                raise ConfigError(
+                    f"--split {split}: the {SPLIT_NAMES[i]} split of {prefix} gets documents {begin}..{end} "
+                    f"of its {documents} ({end - begin} documents, {tokens} tokens), less than one sequence of {need} tokens, and the run asks it for {sizes[i]} "
+                    f"samples; change --split, or {off}")
+
+
+def _read_index(path: str, reader):
+    import logging
+
+    logger = logging.getLogger("megatron.core.datasets.indexed_dataset")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the reader logs every array it maps
+    try:
+        return reader(path, multimodal=False)
+    except (OSError, ValueError, AssertionError, IndexError, struct.error) as error:
+        raise ConfigError(f"data index {path}: unreadable ({type(error).__name__}: {error})") from None
+    finally:
+        logger.setLevel(level)
 
 
 class MicroBatchSampler:
