@@ -196,6 +196,16 @@ def test_lm2_1p7b_is_near_the_paper():
     assert abs(count.memory - 0.5e9) / 0.5e9 < 0.08
 
 
+def test_every_flavor_has_memory_heads_flash_attention_takes():
+    """The memory read runs torch's SDPA, whose flash kernel takes head dims up to 256: lm2-3b's
+    8 memory heads of 384 could not use it (it has 12 of 256 now)."""
+    for name in list_flavors():
+        cfg = get_flavor(name)
+        if cfg.memory_layer_numbers:
+            assert cfg.memory_head_dim <= 256 and cfg.memory_head_dim % 8 == 0, (name, cfg.memory_head_dim)
+    assert get_flavor("lm2-3b").memory_heads == get_flavor("lm2-3b-paper").memory_heads == 12
+
+
 def test_every_flavor_keeps_its_slots_within_the_width():
     """The identity M_0 (the default) starts slots past d at zero, all alike: every registered
     flavor keeps N <= d, so its bank starts as the paper's identity and chunk 0 costs no GEMM.
