@@ -26,8 +26,12 @@ LOGGING_ARGS=(--log-interval 10 --eval-interval 1000 --eval-iters 20 --tensorboa
 ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@")
 for arg in "$@"; do
   if [[ "$arg" == "--dry-run" ]]; then
+    echo "env         PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     exec python -m megatron_lm2.train --nodes 1 --gpus-per-node "$GPUS" "${ARGS[@]}"
   fi
 done
 export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# torchrun's --signals-to-handle: forward SIGUSR1 (save and exit) to the ranks too, not only
+# SIGTERM/SIGINT/SIGHUP/SIGQUIT; without it SIGUSR1 kills torchrun and orphans the ranks.
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 exec torchrun --standalone --nproc-per-node "$GPUS" -m megatron_lm2.train "${ARGS[@]}"

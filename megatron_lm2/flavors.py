@@ -208,6 +208,8 @@ def lm2_1p7b_mem1(**overrides) -> LM2Config:
 def _lm2_3b(**overrides) -> LM2Config:
     # Llama-3.2-3B's decoder shape with the SmolLM vocabulary; memory in every 2nd block keeps
     # memory parameters near the paper's ~30% of the total (all 28 blocks would add 1.85B).
+    # 12 memory heads: head dim 256, the largest flash attention takes (8 heads would be 384);
+    # so TP must divide 12 (1, 2, 3, 4, 6).
     return llama_decoder(
         **{
             **dict(
@@ -219,7 +221,7 @@ def _lm2_3b(**overrides) -> LM2Config:
                 vocab_size=49152,
                 seq_length=4096,
                 rotary_base=500000,
-                memory_heads=8,
+                memory_heads=12,
                 memory_layers=tuple(range(2, 29, 2)),
                 **recipe_memory(),
             ),

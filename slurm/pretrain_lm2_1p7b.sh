@@ -98,6 +98,8 @@ EXTRA=(${EXTRA_ARGS:-})
 ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "${EXTRA[@]}")
 
 if [[ "$DRY_RUN" == 1 ]]; then
+    # The launcher's environment (the exports of the launch section below).
+    echo "env         PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110"
     exec python -m megatron_lm2.train --dry-run --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" "${ARGS[@]}"
 fi
 
@@ -110,8 +112,11 @@ MASTER_PORT=${MASTER_PORT:-29500}
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-# torchrun forwards these signals to its workers and waits this long before SIGKILL.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# torchrun forwards these signals to its workers and waits this long before SIGKILL. The list
+# is torchrun's --signals-to-handle (env PET_SIGNALS_TO_HANDLE); torchrun overwrites
+# TORCHELASTIC_SIGNALS_TO_HANDLE with that flag's value, and without SIGUSR1 in it SIGUSR1
+# kills torchrun itself and orphans the ranks, which then never save.
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110
 
 if [[ "${LAUNCHER:-torchrun}" == "srun" ]]; then

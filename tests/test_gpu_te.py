@@ -157,6 +157,10 @@ def _memory_main_grads(fp8_recipe, micro_batches=2):
 def test_te_fp8_memory_weight_gradients_match_bf16(recipe):
     """No part of any memory linear's weight gradient is lost in FP8 over two micro-batches
     (a lost call would show as a 30-70 % error); FP8 rounding alone stays within ~10 %."""
+    from megatron_lm2.training.build import apex_wgrad_available
+
+    if not apex_wgrad_available():  # the output layer (megatron-core's linear) refuses to build
+        pytest.skip("gradient_accumulation_fusion needs Apex's fused_weight_gradient_mlp_cuda")
     bf16 = _memory_main_grads(None)
     fp8 = _memory_main_grads(recipe)
     assert set(fp8) == set(bf16) and bf16

@@ -28,6 +28,16 @@ def test_slurm_dry_run_prints_layout_and_command():
         env=_env(NODES="4", TP="2", DATA_PATH="/data/lm2/shards", CHECKPOINT_DIR="/ckpt/lm2"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
+    # torchrun forwards SIGUSR1 only through its own flag's env var; the dry run prints what the
+    # launch section exports.
+    env = dict(item.split("=", 1) for item in lines["env"].split())
+    assert env == dict(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                       TORCH_ELASTIC_SHUTDOWN_TIMEOUT="110")
+    script = open(SLURM).read()
+    launch = script[script.index("# ---- launch and requeue"):]
+    for name, value in env.items():
+        assert f"\nexport {name}={value}\n" in launch, name
+    assert "TORCHELASTIC_SIGNALS_TO_HANDLE=" not in script  # torchrun overwrites it
     # 4 nodes x 8 GPUs, TP 2 -> DP 16; global 256 = micro 4 x 4 micro-batches x 16.
     assert lines["layout"] == "4 nodes x 8 GPUs = 32 | TP 2 PP 1 DP 16"
     assert lines["batch"] == ("micro 4 x 4 micro-batches x DP 16 = global 256 sequences = "
@@ -206,6 +216,77 @@ def test_slurm_script_forwards_usr1_and_requeues(tmp_path):
         "srun --kill-on-bad-exit=1 --ntasks-per-node=1 torchrun --nnodes 2 --nproc-per-node 8 "
         "--rdzv-backend c10d --rdzv-endpoint node001:29500 --rdzv-id 42 -m megatron_lm2.train --flavor lm2-1.7b")
     assert calls[1:] == ["scancel --signal=USR1 42", "step got USR1", "scontrol requeue 42"]
+
+
+_WORKER = """
+import os, signal, sys, time
+out = sys.argv[1]
+signal.signal(signal.SIGUSR1, lambda *_: (open(out + "/got_usr1", "w").close(), sys.exit(0)))
+with open(out + "/worker.pid.tmp", "w") as handle:
+    handle.write(str(os.getpid()))
+os.replace(out + "/worker.pid.tmp", out + "/worker.pid")
+deadline = time.time() + 60
+while time.time() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def _torchrun_usr1(tmp_path, signals):
+    """Start a real torchrun (1 CPU worker whose SIGUSR1 handler writes a file), send torchrun
+    SIGUSR1, and return (worker got it, torchrun's exit status, worker alive after torchrun)."""
+    import signal
+    import time
+
+    tmp_path.mkdir()
+    (tmp_path / "worker.py").write_text(_WORKER)
+    env = _env(OMP_NUM_THREADS="1")
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    env.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
+    if signals:
+        env["PET_SIGNALS_TO_HANDLE"] = signals
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: an orphaned worker would hold a pipe open
+    with open(log, "w") as handle:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+             str(tmp_path / "worker.py"), str(tmp_path)],
+            env=env, stdout=handle, stderr=subprocess.STDOUT)
+    pid_file, worker = tmp_path / "worker.pid", None
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists() and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        assert pid_file.exists(), log.read_text()[-3000:]
+        worker = int(pid_file.read_text())
+        launcher.send_signal(signal.SIGUSR1)
+        launcher.wait(timeout=60)
+        time.sleep(0.5)
+        try:
+            os.kill(worker, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        return (tmp_path / "got_usr1").exists(), launcher.returncode, alive
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        if worker is not None:
+            try:
+                os.kill(worker, signal.SIGKILL)  # the orphan, if torchrun left one
+            except ProcessLookupError:
+                pass
+
+
+def test_torchrun_forwards_usr1_only_with_pet_signals_to_handle(tmp_path):
+    """What the slurm script relies on: with PET_SIGNALS_TO_HANDLE naming SIGUSR1 a real
+    torchrun forwards it to its worker; with torchrun's default list SIGUSR1 kills torchrun and
+    the worker is orphaned, its handler never run (nothing would be saved)."""
+    import signal
+
+    got, _, alive = _torchrun_usr1(tmp_path / "pet", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    assert got and not alive
+    got, status, alive = _torchrun_usr1(tmp_path / "default", None)
+    assert not got and status == -signal.SIGUSR1 and alive
 
 
 def test_plan_main_is_lm2_train_dry_run(capsys):

@@ -196,6 +196,16 @@ def test_lm2_1p7b_is_near_the_paper():
     assert abs(count.memory - 0.5e9) / 0.5e9 < 0.08
 
 
+def test_every_flavor_has_memory_heads_flash_attention_takes():
+    """The memory read runs torch's SDPA, whose flash kernel takes head dims up to 256: lm2-3b's
+    8 memory heads of 384 could not use it (it has 12 of 256 now)."""
+    for name in list_flavors():
+        cfg = get_flavor(name)
+        if cfg.memory_layer_numbers:
+            assert cfg.memory_head_dim <= 256 and cfg.memory_head_dim % 8 == 0, (name, cfg.memory_head_dim)
+    assert get_flavor("lm2-3b").memory_heads == get_flavor("lm2-3b-paper").memory_heads == 12
+
+
 def test_every_flavor_keeps_its_slots_within_the_width():
     """The identity M_0 (the default) starts slots past d at zero, all alike: every registered
     flavor keeps N <= d, so its bank starts as the paper's identity and chunk 0 costs no GEMM.
@@ -300,13 +310,13 @@ def test_runtime_settings_follow_the_hardware():
 
     train = parse_args(["--flavor", "debug", "--mock-data", "--bf16", "--fp8-format", "hybrid",
                         "--fp8-recipe", "tensorwise"], world_size=1)
-    gpu = runtime_settings(train, "te", cuda=True)
+    gpu = runtime_settings(train, "te", cuda=True, apex_wgrad=True, apex_softmax=True)
     assert gpu["model"] == dict(
         use_cpu_initialization=False, bias_activation_fusion=True, bias_dropout_fusion=True,
         masked_softmax_fusion=True, apply_rope_fusion=True, cross_entropy_loss_fusion=True,
         gradient_accumulation_fusion=True, fp8_recipe="tensorwise")
     assert gpu["ddp"] == dict(overlap_grad_reduce=True, overlap_param_gather=True)
-    local_gpu = runtime_settings(train, "local", cuda=True, apex=False)["model"]
+    local_gpu = runtime_settings(train, "local", cuda=True, apex_wgrad=False)["model"]
     assert local_gpu["apply_rope_fusion"] is False and local_gpu["gradient_accumulation_fusion"] is False
     cpu = runtime_settings(parse_args(["--flavor", "debug", "--mock-data"], world_size=1), "local", cuda=False)
     assert cpu["ddp"] == dict(overlap_grad_reduce=False, overlap_param_gather=False)
@@ -321,6 +331,63 @@ def test_runtime_settings_follow_the_hardware():
     # Flavors themselves stay CPU-safe.
     cfg = get_flavor("lm2-8b")
     assert cfg.use_cpu_initialization and not cfg.gradient_accumulation_fusion and cfg.params_dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["te", "local"])
+def test_fusions_that_need_apex_stay_off_without_it(backend):
+    """megatron-core imports Apex's softmax kernels and wgrad GEMM by bare name and ships
+    neither: on a GPU without Apex the masked-softmax and gradient-accumulation fusions are off
+    (with TE too: the output layer is megatron-core's own linear), with Apex they are on."""
+    from megatron_lm2.training.build import runtime_settings
+    from megatron_lm2.training.config import parse_args
+
+    train = parse_args(["--flavor", "debug", "--mock-data", "--bf16"], world_size=1)
+    bare = runtime_settings(train, backend, cuda=True, apex_wgrad=False, apex_softmax=False)["model"]
+    assert bare["masked_softmax_fusion"] is False and bare["gradient_accumulation_fusion"] is False
+    assert bare["bias_activation_fusion"] is True  # the other fusions stay on
+    apex = runtime_settings(train, backend, cuda=True, apex_wgrad=True, apex_softmax=True)["model"]
+    assert apex["masked_softmax_fusion"] is True and apex["gradient_accumulation_fusion"] is True
+
+
+def test_apex_probes_follow_the_importable_modules(monkeypatch):
+    """The trainer's probes: present only when every module megatron-core imports is found."""
+    import importlib.util
+
+    from megatron_lm2.training import build
+
+    for present, expected in (({"scaled_masked_softmax_cuda"}, False),
+                              (set(build.APEX_SOFTMAX) | {build.APEX_WGRAD}, True)):
+        build._importable.cache_clear()
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, present=present: object() if name in present else None)
+        monkeypatch.setattr("megatron.core.tensor_parallel.layers._grad_accum_fusion_available", expected)
+        assert build.apex_softmax_available() is expected and build.apex_wgrad_available() is expected
+    build._importable.cache_clear()
+
+
+def test_gpu_runtime_settings_without_apex_build_and_run():
+    """The settings a GPU without Apex gets (all but the device-only use_cpu_initialization),
+    applied to the debug model on the CPU: it builds (megatron-core's ColumnParallelLinear
+    refuses gradient_accumulation_fusion without Apex) and a bf16 forward runs (the masked
+    softmax would import Apex's kernel for these shapes)."""
+    from megatron_lm2.training.build import apply_runtime_settings, runtime_settings
+    from megatron_lm2.training.config import parse_args
+
+    train = parse_args(["--flavor", "debug", "--mock-data", "--bf16"], world_size=1)
+    settings = runtime_settings(train, "te", cuda=True, apex_wgrad=False, apex_softmax=False)
+    model_settings = {k: v for k, v in settings["model"].items() if k != "use_cpu_initialization"}
+    # Fused RoPE (TE's) is refused without TE and dropped, as under --fused-kernels auto.
+    cfg = get_flavor("debug", **{**SMALL, "bf16": True, "params_dtype": torch.bfloat16,
+                                 "pipeline_dtype": torch.bfloat16})
+    applied = apply_runtime_settings(cfg, dict(model=model_settings))
+    assert applied["bias_activation_fusion"] and applied["bias_dropout_fusion"]
+    assert not applied["apply_rope_fusion"]
+    torch.manual_seed(0)
+    model = build_model(cfg, backend="local").eval()
+    tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_length))
+    with torch.no_grad():
+        logits = _logits(model, tokens)
+    assert logits.shape == (4, cfg.seq_length, cfg.vocab_size) and torch.isfinite(logits.float()).all()
 
 
 def test_refused_fusions_are_dropped_under_auto():

@@ -17,6 +17,8 @@ a state, not a projection, and should not be pulled towards zero.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import List
 
 import torch
@@ -53,12 +55,36 @@ def transformer_backend(train: TrainConfig) -> str:
     return backend
 
 
-def _apex_gradient_accumulation_fusion() -> bool:
+@functools.lru_cache(maxsize=None)
+def _importable(name: str) -> bool:
+    """Whether the top-level module `name` can be found (cached: it cannot change in a run)."""
     try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401  (Apex's wgrad GEMM into main_grad)
-    except Exception:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
         return False
-    return True
+
+
+# Apex's CUDA extensions megatron-core imports by bare name, without shipping them.
+APEX_WGRAD = "fused_weight_gradient_mlp_cuda"  # the wgrad GEMM accumulating into main_grad
+APEX_SOFTMAX = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                "scaled_softmax_cuda")  # FusedScaleMaskSoftmax's kernels (padding/causal/no mask)
+
+
+def apex_wgrad_available() -> bool:
+    """gradient_accumulation_fusion: megatron-core's ColumnParallelLinear (the output layer of
+    every backend, and every linear of the local spec) raises at construction unless Apex's
+    fused_weight_gradient_mlp_cuda imports, whether or not TE provides its own for the blocks
+    (its check: the import at the top of megatron.core.tensor_parallel.layers succeeded)."""
+    from megatron.core.tensor_parallel import layers
+
+    return _importable(APEX_WGRAD) and bool(getattr(layers, "_grad_accum_fusion_available", True))
+
+
+def apex_softmax_available() -> bool:
+    """masked_softmax_fusion: megatron-core's FusedScaleMaskSoftmax imports Apex's softmax
+    kernels when a bf16/fp16 score matrix has a kernel-friendly shape; missing, that forward
+    raises ModuleNotFoundError (it does not fall back)."""
+    return all(_importable(name) for name in APEX_SOFTMAX)
 
 
 def _resolve(choice: str, supported: bool, flag: str, why: str) -> bool:
@@ -67,13 +93,16 @@ def _resolve(choice: str, supported: bool, flag: str, why: str) -> bool:
     return supported if choice == "auto" else choice == "on"
 
 
-def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex: bool = False) -> dict:
+def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex_wgrad: bool = False,
+                     apex_softmax: bool = False) -> dict:
     """Model-config fields and DDP switches for the hardware this run is on (the flavors only
     define architectures; their CPU-safe defaults are replaced here). On GPUs: weights
     initialised on the device (not every rank building full fp32 weights on its CPU), Megatron's
-    fused RoPE (TE) / SwiGLU / bias-dropout-add / masked softmax / cross-entropy, gradient-
-    accumulation fusion where TE or Apex provide the wgrad GEMM, the DP gradient reduce-scatter
-    overlapped with backward and the parameter all-gather with the next forward. On CPU all off.
+    fused RoPE (TE) / SwiGLU / bias-dropout-add / cross-entropy, the masked softmax where Apex's
+    softmax kernels import (`apex_softmax`), gradient-accumulation fusion where Apex's wgrad GEMM
+    imports (`apex_wgrad`), the DP gradient reduce-scatter overlapped with backward and the
+    parameter all-gather with the next forward. On CPU all off. The probes are parameters (the
+    trainer passes apex_*_available()) so a test can ask for a GPU without Apex on a CPU.
     `--fused-kernels`, `--overlap-grad-reduce`, `--overlap-param-gather` on/off/auto."""
     te = backend == "te"
     fused = _resolve(train.fused_kernels, cuda, "--fused-kernels",
@@ -82,10 +111,12 @@ def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex: bool = 
         use_cpu_initialization=not cuda,
         bias_activation_fusion=fused,  # SwiGLU (jit-fused)
         bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,  # local spec only; falls back where the kernel is missing
+        # Local spec only; megatron-core imports Apex's kernels unguarded, so only where they exist.
+        masked_softmax_fusion=fused and apex_softmax,
         apply_rope_fusion=fused and te,  # Megatron's fused RoPE is TE's
         cross_entropy_loss_fusion=fused,
-        gradient_accumulation_fusion=fused and (te or apex),
+        # TE's linears have their own, but the output layer is megatron-core's, which needs Apex's.
+        gradient_accumulation_fusion=fused and apex_wgrad,
     )
     if train.fp8_format:
         model["fp8_recipe"] = getattr(train, "fp8_recipe", "delayed")
@@ -129,7 +160,8 @@ def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[Distribute
     modules read them when built). The schedule's fields come after, from the wrapped chunks:
     call set_schedule_hooks(config, model_chunks) before running a schedule."""
     backend = transformer_backend(train)
-    settings = runtime_settings(train, backend, cuda_available(), _apex_gradient_accumulation_fusion())
+    settings = runtime_settings(train, backend, cuda_available(), apex_wgrad=apex_wgrad_available(),
+                                apex_softmax=apex_softmax_available())
     apply_runtime_settings(config, settings, strict=train.fused_kernels == "on")
     vpp = train.virtual_pipeline_size()
     if vpp:
