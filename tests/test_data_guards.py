@@ -103,3 +103,134 @@ def test_bad_blend_weights_are_one_line_from_either_source(sixteen, tmp_path, we
     line = _one_line_error(_train(*TRAIN, "--blend-file", str(blend / "blend.json"), "--train-iters", "2"),
                            "lm2-train")
     assert f"--blend-file {blend / 'blend.json'}: weight" in line and message in line, line
+
+
+# ------------------------------------------------- item 2: shards checked against the model
+def _copy(out, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(out, target)
+    return target
+
+
+def _prefix(out):
+    return str((out / json.loads((out / "manifest.json").read_text())["shards"][0]["prefix"]).resolve())
+
+
+def _rewrite_lengths(prefix, change):
+    """Rewrite an .idx in place, its size unchanged: `change(lengths)` edits the int32 lengths."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    index = _IndexReader(prefix + ".idx", multimodal=False)
+    lengths = np.array(index.sequence_lengths, dtype=np.int32)
+    offset = 9 + 8 + 1 + 8 + 8  # header, version, dtype code, sequence count, document count
+    del index
+    change(lengths)
+    with open(prefix + ".idx", "r+b") as handle:
+        handle.seek(offset)
+        handle.write(lengths.tobytes())
+
+
+def test_an_idx_rewritten_in_place_is_refused_by_its_manifest_digest(sixteen, tmp_path):
+    out = _copy(sixteen, tmp_path)
+    prefix = _prefix(out)
+    size = os.path.getsize(prefix + ".idx")
+
+    def shift(lengths):  # same total, same last entry: size and sum checks pass
+        lengths[0] += 3
+        lengths[1] -= 3
+    _rewrite_lengths(prefix, shift)
+    assert os.path.getsize(prefix + ".idx") == size
+    line = _one_line_error(_train(*TRAIN, "--data-path", str(out), "--train-iters", "2"), "lm2-train")
+    assert f"data index {prefix}.idx: sha256 differs from the one its manifest recorded" in line, line
+
+
+def _bare_shard(directory, documents, dtype="uint16"):
+    """A shard as Megatron-LM's own tool leaves it: .bin/.idx, no manifest anywhere above."""
+    import numpy as np
+
+    from megatron_lm2.preprocess.shards import ShardWriter
+
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, "bare")
+    writer = ShardWriter(prefix + ".bin", dtype)
+    for doc in documents:
+        writer.add(np.asarray(doc), np.asarray([len(doc)]))
+    writer.finalize(prefix + ".idx")
+    return prefix
+
+
+def test_doubled_lengths_without_a_manifest_are_refused(tmp_path):
+    import numpy as np
+
+    prefix = _bare_shard(str(tmp_path / "bare"), [np.arange(1, 100) % 2000 for _ in range(20)])
+
+    def double(lengths):
+        lengths[:-1] *= 2
+    _rewrite_lengths(prefix, double)
+    line = _one_line_error(_train(*TRAIN, "--data-path", prefix, "--tokenizer", "default", "--train-iters", "2"),
+                           "lm2-train")
+    assert f"data index {prefix}.idx: its document lengths add up to" in line, line
+
+
+def test_ids_outside_the_vocabulary_are_found_by_a_cached_scan(tmp_path):
+    import numpy as np
+
+    from megatron_lm2.training.shard_check import SCAN_CACHE, check_shards
+
+    documents = [np.arange(1, 200) % 2000 for _ in range(30)]
+    documents[17][5] = 3000  # the embedded tokenizer has 2048 ids
+    prefix = _bare_shard(str(tmp_path / "bare"), documents)
+    save = tmp_path / "run"
+    line = _one_line_error(_train(*TRAIN, "--data-path", prefix, "--tokenizer", "default", "--train-iters", "2",
+                                  "--save", str(save)), "lm2-train")
+    assert f"data shard {prefix}.bin: token id 3000 is outside the model's vocabulary of 2048 (from the scan)" in line
+    cache = str(save / "data_cache")
+    assert json.load(open(os.path.join(cache, SCAN_CACHE)))[prefix]["max_id"] == 3000
+    # The second look reads the cache, not the .bin; a rewritten .bin is scanned again.
+    with pytest.raises(Exception, match=r"from the scan cache"):
+        check_shards([prefix], 2048, None, cache)
+    documents[17][5] = 7
+    _bare_shard(str(tmp_path / "bare"), documents)
+    facts = check_shards([prefix], 2048, None, cache)
+    assert facts["by_source"] == {"scan": 1} and facts["scanned_bytes"] == os.path.getsize(prefix + ".bin")
+    assert check_shards([prefix], 2048, None, cache)["by_source"] == {"scan cache": 1}
+
+
+def test_a_tokenizer_other_than_the_shards_is_refused_by_fingerprint(sixteen, tmp_path):
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(f"w{(i * 31 + j) % 997}x{j}" for j in range(30))}) + "\n"
+                             for i in range(400)))
+    other = tmp_path / "other.model"
+    from test_faults import _module
+
+    made = _module("megatron_lm2.tokenizer.train", "--input", str(corpus), "--output", str(other), "--vocab-size", "275")
+    assert made.returncode == 0, made.stderr[-2000:]
+    line = _one_line_error(_train(*TRAIN, "--data-path", _prefix(sixteen), "--tokenizer", str(other),
+                                  "--train-iters", "2"), "lm2-train")
+    assert f"--tokenizer {other}: sha256" in line and "but the shards' manifest" in line, line
+
+
+# ---------------------------------------------- item 4: caches that know their shards
+def test_rebuilt_shards_get_a_new_index_cache(tmp_path):
+    import shutil
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.data import build_datasets, resolve_source
+
+    cache = tmp_path / "cache"
+
+    def documents_trained(n):
+        if (tmp_path / "shards").exists():
+            shutil.rmtree(tmp_path / "shards")
+        _shards(tmp_path, [" ".join(f"tale {i} word {j}" for j in range(60)) for i in range(n)])
+        train = parse_args([*TRAIN, "--data-path", str(tmp_path / "shards"), "--train-iters", "2",
+                            "--data-cache-path", str(cache)], world_size=1)
+        train_set, _ = build_datasets(train, resolve_source(train), 64)
+        return len(set(train_set.document_index.tolist()))
+
+    assert documents_trained(16) == 16  # round(0.98 x 16)
+    assert documents_trained(50) == 49  # the old cache held documents 0..15 of the same paths
+    assert len([d for d in os.listdir(cache) if d.startswith("shards-")]) == 2

@@ -58,6 +58,10 @@ def check_or_write_run(out_dir: Path, run: dict, write: bool) -> None:
             write_json_atomic(path, {**run, "files": files})
 
 
+# What the trainer's start-up check reads instead of the .bin (training/shard_check.py).
+SHARD_FACTS = ("max_id", "bin_bytes", "idx_bytes", "idx_sha256")
+
+
 def build_manifest(out_dir: Path, files: list[InputFile], run: dict, command: list[str]) -> dict:
     shards, file_entries, listed = [], [], []
     skipped: Counter = Counter()
@@ -88,6 +92,7 @@ def build_manifest(out_dir: Path, files: list[InputFile], run: dict, command: li
                              "encoder": state.done.get("encoder", ""),
                              "verification": state.done.get("verification")})
         shards.extend({**{k: r[k] for k in ("prefix", "subset", "source", "rows", "documents", "tokens", "skipped")},
+                       **{k: r[k] for k in SHARD_FACTS if k in r},  # absent in records of older runs
                        "encoder": r.get("encoder", "")} for r in state.shards)
     return {
         "format": FORMAT,

@@ -23,6 +23,7 @@ shard and rewrites anything after it, so a kill at any moment leaves nothing hal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -88,6 +89,18 @@ _DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16):
                 np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
 
 
+def index_parts(lengths: np.ndarray, dtype) -> list:
+    """The bytes of an `.idx` for documents of these lengths (one sequence each), in order."""
+    dtype = np.dtype(dtype)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
+    return [_INDEX_HEADER, struct.pack("<Q", 1), struct.pack("<B", _DTYPE_CODES[dtype]),
+            struct.pack("<Q", len(lengths)), struct.pack("<Q", len(lengths) + 1),
+            lengths.astype(np.int32).tobytes(), pointers.tobytes(),
+            np.arange(len(lengths) + 1, dtype=np.int64).tobytes()]
+
+
 class ShardWriter:
     """One ``.bin`` (documents' tokens, back to back) and its ``.idx``; one sequence per document."""
 
@@ -95,31 +108,34 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.data_file = open(bin_path, "wb")
         self.lengths: list[np.ndarray] = []
+        self.max_id = -1  # recorded so the trainer checks ids against its vocabulary without the .bin
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if len(tokens):
+            self.max_id = max(self.max_id, int(np.max(tokens)))
         self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
         self.lengths.append(np.asarray(lengths, dtype=np.int64))
 
-    def finalize(self, idx_path: str, fsync: bool = False) -> None:
+    def finalize(self, idx_path: str, fsync: bool = False) -> dict:
+        """Write the .idx; returns what the shard's record keeps of it (sizes, max id, the
+        .idx's sha256: the trainer's start-up check and its index cache key)."""
         if fsync:
             self.data_file.flush()
             os.fsync(self.data_file.fileno())
+        bin_bytes = self.data_file.tell()
         self.data_file.close()
         lengths = np.concatenate(self.lengths) if self.lengths else np.empty(0, np.int64)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
+        parts = index_parts(lengths, self.dtype)
+        digest = hashlib.sha256()
         with open(idx_path, "wb") as f:
-            f.write(_INDEX_HEADER)
-            f.write(struct.pack("<Q", 1))
-            f.write(struct.pack("<B", _DTYPE_CODES[self.dtype]))
-            f.write(struct.pack("<Q", len(lengths)))
-            f.write(struct.pack("<Q", len(lengths) + 1))
-            f.write(lengths.astype(np.int32).tobytes())
-            f.write(pointers.tobytes())
-            f.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+            for part in parts:
+                digest.update(part)
+                f.write(part)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        return {"max_id": self.max_id, "bin_bytes": bin_bytes, "idx_bytes": sum(len(p) for p in parts),
+                "idx_sha256": digest.hexdigest()}
 
 
 class FileSharder:
@@ -185,7 +201,7 @@ class FileSharder:
     def _close(self, end_row: int) -> None:
         prefix = self.out_dir / shard_prefix(self.file, self.index)
         # with fsync, the shard's bytes reach the disk before the rename and the record
-        self.builder.finalize(str(prefix) + ".idx.tmp", fsync=self.fsync)
+        facts = self.builder.finalize(str(prefix) + ".idx.tmp", fsync=self.fsync)
         os.replace(str(prefix) + ".bin.tmp", str(prefix) + ".bin")
         os.replace(str(prefix) + ".idx.tmp", str(prefix) + ".idx")
         if self.fsync:
@@ -194,7 +210,7 @@ class FileSharder:
         self.skips = [s for s in self.skips if s[0] >= end_row]
         record = {"prefix": shard_prefix(self.file, self.index), "subset": self.file.subset,
                   "source": self.file.path, "rows": [self.start_row, end_row],
-                  "documents": self.documents, "tokens": self.tokens, "encoder": self.encoder,
+                  "documents": self.documents, "tokens": self.tokens, **facts, "encoder": self.encoder,
                   "skipped": dict(Counter(reason for _, reason in mine)),
                   "skips": [list(s) for s in mine[:MAX_LISTED_SKIPS]]}
         write_json_atomic(progress_dir(self.out_dir, self.file) / f"{self.file.stem}_{self.index:05d}.json", record,

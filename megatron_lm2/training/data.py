@@ -36,6 +36,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_lm2.config import ConfigError, LM2Config
+from megatron_lm2.training.shard_check import check_shards
 from megatron_lm2.flavors import get_flavor
 from megatron_lm2.model import padded_vocab_size
 from megatron_lm2.training.config import TrainConfig
@@ -59,7 +60,8 @@ class TokenizerIds:
 class DataSource:
     blend: Optional[Tuple[List[str], Optional[List[float]]]]  # None = mock data
     tokenizer: TokenizerIds
-    manifest: Optional[str] = None
+    manifest: Optional[str] = None  # where the tokenizer ids came from (a manifest or --tokenizer)
+    shard_manifest: Optional[str] = None  # the shards' manifest.json, if any (shard_check.py)
 
 
 def resolve_source(train: TrainConfig) -> DataSource:
@@ -110,7 +112,25 @@ def resolve_source(train: TrainConfig) -> DataSource:
     if len(prefixes) == 1:
         weights = None  # one shard: no BlendedDataset wrapper, the same samples
     ids = _ids_from_tokenizer(train.tokenizer) if train.tokenizer else _tokenizer_ids(manifest)
-    return DataSource((prefixes, weights), ids, manifest or train.tokenizer)
+    shard_manifest = manifest or _find_manifest(prefixes[0], required=False)
+    if train.tokenizer and shard_manifest:
+        _check_tokenizer_fingerprint(train.tokenizer, ids, shard_manifest)
+    return DataSource((prefixes, weights), ids, manifest or train.tokenizer, shard_manifest)
+
+
+def _check_tokenizer_fingerprint(spec: str, ids: TokenizerIds, manifest: str) -> None:
+    """--tokenizer must be the tokenizer the shards were made with: by its sha256, not its name
+    (shards of another tokenizer trained normal-looking steps, then crashed on an id)."""
+    try:
+        with open(manifest) as handle:
+            recorded = json.load(handle).get("tokenizer") or {}
+    except (OSError, ValueError):
+        return  # an unreadable manifest is reported where it is needed
+    if recorded.get("sha256") and recorded["sha256"] != ids.name:
+        raise ConfigError(
+            f"--tokenizer {spec}: sha256 {ids.name[:12]}..., but the shards' manifest {manifest} records "
+            f"tokenizer {recorded.get('name')!r} (sha256 {recorded['sha256'][:12]}...); pass the tokenizer the "
+            f"shards were made with, or leave --tokenizer out to use the manifest's")
 
 
 def model_config_for(train: TrainConfig, source: DataSource) -> LM2Config:
@@ -208,13 +228,15 @@ def _parse_prefixes(items: List[str]) -> Tuple[List[str], Optional[List[float]]]
     return list(items), None
 
 
-def _find_manifest(prefix: str) -> str:
+def _find_manifest(prefix: str, required: bool = True) -> Optional[str]:
     directory = os.path.dirname(os.path.abspath(prefix))
     for _ in range(4):
         candidate = os.path.join(directory, "manifest.json")
         if os.path.isfile(candidate):
             return candidate
         directory = os.path.dirname(directory)
+    if not required:
+        return None
     raise ConfigError(f"--data-path {prefix}: no manifest.json in the 4 directories above it; the "
                       f"tokenizer's end-of-document id comes from lm2-preprocess's manifest")
 
@@ -232,10 +254,30 @@ def _tokenizer_ids(manifest: str) -> TokenizerIds:
         raise ConfigError(f"{manifest}: cannot read tokenizer.vocab_size/eod ({error!r})") from None
 
 
-def dataset_config(train: TrainConfig, source: DataSource, seq_length: int) -> GPTDatasetConfig:
-    cache = train.data_cache_path
-    if cache is None and train.save:
-        cache = os.path.join(train.save, "data_cache")
+def _cache_root(train: TrainConfig) -> Optional[str]:
+    if train.data_cache_path is not None:
+        return train.data_cache_path
+    return os.path.join(train.save, "data_cache") if train.save else None
+
+
+def _log_shard_check(shards: dict, count: int) -> None:
+    from megatron_lm2.logs import get_logger
+
+    rate = (f", {shards['scanned_bytes'] / 1e9 / max(shards['seconds'], 1e-9):.2f} GB/s scanned"
+            if shards["scanned_bytes"] else "")
+    sources = ", ".join(f"{n} from the {k}" for k, n in sorted(shards["by_source"].items()))
+    get_logger(__name__).info(
+        f"data: {count} shard(s) checked against the model ({sources}) in {shards['seconds']:.2f}s{rate}")
+
+
+def dataset_config(train: TrainConfig, source: DataSource, seq_length: int,
+                   shard_digest: Optional[str] = None) -> GPTDatasetConfig:
+    # The index caches live in a folder named by the shards' .idx digests: shards rebuilt at the
+    # same paths get new caches, never the old document ranges (megatron-core's own cache key
+    # holds the paths, not the contents).
+    cache = _cache_root(train)
+    if cache is not None and shard_digest is not None:
+        cache = os.path.join(cache, f"shards-{shard_digest[:16]}")
     return GPTDatasetConfig(
         random_seed=train.seed,
         sequence_length=seq_length,
@@ -257,7 +299,12 @@ def build_datasets(train: TrainConfig, source: DataSource, seq_length: int):
     evaluations = (train.train_iters // train.eval_interval + 1) if train.eval_interval else 0
     valid_samples = evaluations * train.eval_iters * train.global_batch_size
     cls = MockGPTDataset if source.blend is None else GPTDataset
-    config = dataset_config(train, source, seq_length)
+    shards = None
+    if source.blend is not None:
+        shards = check_shards(source.blend[0], source.tokenizer.vocab_size, source.shard_manifest,
+                              _cache_root(train))
+        _log_shard_check(shards, len(source.blend[0]))
+    config = dataset_config(train, source, seq_length, shards["digest"] if shards else None)
     sizes = [train_samples, valid_samples, 0]
     # A split the run asks nothing of is not built: megatron-core asks even an unused split for
     # one token, and loops forever in GPTDataset._get_num_epochs on a split of 0 documents. The
