@@ -619,3 +619,46 @@ def test_validation_loss_by_memory_chunk(tmp_path, flavor):
     # Equal tokens per chunk: the chunks' mean is the validation loss.
     assert np.mean(by_chunk) == pytest.approx(valid[0]["loss"], rel=1e-6)
     assert all(math.isfinite(x) for x in by_chunk)
+
+
+# --------------------------------------------------------------------------- full disk
+def test_out_of_space_is_found_anywhere_in_the_error_chain():
+    import errno
+
+    from megatron_lm2.training.checkpoint import _out_of_space
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("Worker failure: unexpected pos 704 vs 598") from inner
+    except RuntimeError as outer:
+        assert _out_of_space(outer)
+    assert not _out_of_space(RuntimeError("unexpected pos 704 vs 598"))
+    assert _out_of_space(RuntimeError("Local process 0 encountered an error: [Errno 28] No space left on device"))
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(tmp_path):
+    """A real full disk: a 45 MiB tmpfs holds the step-2 checkpoint (~18 MiB) and fills during
+    the step-4 save. Needs mount (root with CAP_SYS_ADMIN), else skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=45m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()[:200]}")
+    try:
+        directory = str(disk / "ckpt")
+        args = [*COMMON, "--train-iters", "4", "--save", directory, "--save-interval", "2", "--keep-last", "0"]
+        line = _one_line_error(_train(*args), "lm2-train")
+        assert f"--save {directory}: no space left on the device during the save of iter_0000004" in line, line
+        assert "`latest` still names iter_0000002" in line and "MiB are free" in line
+        assert open(os.path.join(directory, "latest")).read().strip() == "iter_0000002"
+        assert not [e for e in os.listdir(directory) if e.startswith(".tmp-")]  # the partial save is gone
+        subprocess.run(["mount", "-o", "remount,size=100m", str(disk)], check=True)
+        result = _train(*args)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"resumed from {os.path.join(directory, 'iter_0000002')} at step 2" in result.stdout
+        steps = [r["step"] for r in _train_records(os.path.join(directory, "metrics.jsonl"))]
+        assert steps == [1, 2, 3, 4]  # each step once
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -31,6 +31,7 @@ states. No memory-bank state: every training sequence starts from M_0 (see docs/
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -50,6 +51,7 @@ from megatron_lm2.convert.megatron_config import CONFIG_FILE, write_config
 from megatron_lm2.fileio import fsync_dir as _fsync_dir, write_text_atomic
 from megatron_lm2.training import integrity
 from megatron_lm2.training.integrity import CheckpointError
+from megatron_lm2.training.signals import all_ranks
 
 TRACKER = "latest"
 _ITER = re.compile(r"^iter_(\d{7,})$")
@@ -233,14 +235,33 @@ def save_checkpoint(directory: str, step: int, chunks, optimizer, scheduler, tra
     state["train_state"] = dict(train_state, step=step)
     state["layout"] = _layout()
     state["config"] = config or {}
-    dist_checkpointing.save(state, tmp)
-    if dist.get_rank() == 0:  # before the integrity record, which hashes it too
-        model = unwrap(chunks[0]).config
-        write_config(model, os.path.join(tmp, CONFIG_FILE),
-                     tensor_model_parallel_size=model.tensor_model_parallel_size,
-                     pipeline_model_parallel_size=model.pipeline_model_parallel_size)
-    _barrier()
-    integrity.write_record(tmp, step, known_good, reason)  # collective: hashing split over ranks
+    # Every write of the save can meet a full disk. A rank that fails says so to the others
+    # (all_ranks) instead of leaving them at a barrier; a full disk is one line (below).
+    problem = None
+    # megatron-core logs a failed write before raising it; the error itself is reported below.
+    writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level, writer_log.level = writer_log.level, logging.CRITICAL
+    try:
+        dist_checkpointing.save(state, tmp)
+        if dist.get_rank() == 0:  # before the integrity record, which hashes it too
+            model = unwrap(chunks[0]).config
+            write_config(model, os.path.join(tmp, CONFIG_FILE),
+                         tensor_model_parallel_size=model.tensor_model_parallel_size,
+                         pipeline_model_parallel_size=model.pipeline_model_parallel_size)
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        problem = error
+    finally:
+        writer_log.setLevel(level)
+    if not all_ranks(problem is None):
+        _save_failed(directory, tmp, problem)
+    try:
+        integrity.write_record(tmp, step, known_good, reason)  # collective: hashing split over ranks
+    except OSError as error:
+        problem = error
+    if not all_ranks(problem is None):
+        _save_failed(directory, tmp, problem)
     _barrier()
 
     if dist.get_rank() == 0:
@@ -252,6 +273,67 @@ def save_checkpoint(directory: str, step: int, chunks, optimizer, scheduler, tra
         _prune(directory, keep_last, keep=step)
     _barrier()
     return final
+
+
+_NEARLY_FULL = 4 << 20
+
+
+class DiskFullError(CheckpointError):
+    """The save ran out of space; `latest` still names the last complete checkpoint."""
+
+
+def _directory_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def _out_of_space(error: Optional[BaseException]) -> bool:
+    import errno
+
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def _save_failed(directory: str, tmp: str, problem: Optional[BaseException]) -> None:
+    """Called on every rank after a failed save: the partial checkpoint goes (it would only
+    hold the space), `latest` stays where it was; a full disk (ENOSPC/EDQUOT somewhere in the
+    error, or less space free than the last checkpoint took) is one line with the numbers, on
+    every rank; anything else keeps its traceback."""
+    partial = _directory_bytes(tmp)
+    free_at_failure = shutil.disk_usage(directory).free
+    _barrier()
+    tracker = os.path.join(directory, TRACKER)
+    previous = read_tracker(tracker) if os.path.isfile(tracker) else None
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    free = shutil.disk_usage(directory).free
+    needed = _directory_bytes(os.path.join(directory, previous)) if previous else 0
+    # torch's writer reports a full disk as "unexpected pos N vs M": judge by the space as well.
+    full = _out_of_space(problem) or (needed and free < needed) or free_at_failure < _NEARLY_FULL
+    if full or problem is None:
+        kept = f"`latest` still names {previous}" if previous else "there is no earlier checkpoint"
+        if full:
+            size = (f"a checkpoint here takes {needed / 2**20:.1f} MiB (the last one)" if needed else
+                    f"{partial / 2**20:.1f} MiB were written before it failed")
+            raise DiskFullError(f"--save {directory}: no space left on the device during the save of "
+                                f"{os.path.basename(tmp)[len('.tmp-'):]}: {size}, {free / 2**20:.1f} MiB are free "
+                                f"with the partial save removed; {kept}. Free space (or lower --keep-last) "
+                                f"and rerun to resume")
+        raise CheckpointError(f"--save {directory}: the save failed on another rank; {kept}")
+    raise problem
 
 
 def _prune(directory: str, keep_last: int, keep: int) -> None:
