@@ -425,7 +425,7 @@ def _shards(directory):
 
 
 def test_truncated_bin_is_refused_at_start_up(tmp_path):
-    from megatron_lm2.training.data import expected_bin_bytes
+    from megatron_lm2.training.shard_check import expected_bin_bytes
 
     prefix, tokens = _shards(str(tmp_path / "data"))
     assert expected_bin_bytes(prefix + ".idx") == os.path.getsize(prefix + ".bin") == 2 * tokens

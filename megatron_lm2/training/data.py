@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -36,7 +35,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_lm2.config import ConfigError, LM2Config
-from megatron_lm2.training.shard_check import check_shards
+from megatron_lm2.training.shard_check import check_shard_size, check_shards, read_index
 from megatron_lm2.flavors import get_flavor
 from megatron_lm2.model import padded_vocab_size
 from megatron_lm2.training.config import TrainConfig
@@ -143,28 +142,6 @@ def model_config_for(train: TrainConfig, source: DataSource) -> LM2Config:
             f"--vocab-size {config.vocab_size} is smaller than the tokenizer's "
             f"{source.tokenizer.vocab_size} ({source.manifest})")
     return config
-
-
-def expected_bin_bytes(idx_path: str) -> int:
-    """The size PREFIX.bin must have, from megatron-core's IndexedDataset index: the last
-    sequence's byte offset plus its length in tokens times the token size."""
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
-    index = _read_index(idx_path, _IndexReader)
-    if len(index.sequence_lengths) == 0:
-        return 0
-    return int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-
-
-def check_shard_size(prefix: str) -> None:
-    """A truncated (or padded) PREFIX.bin is refused at start-up, naming it, instead of
-    training on short documents or failing at some later step."""
-    expected = expected_bin_bytes(prefix + ".idx")
-    actual = os.path.getsize(prefix + ".bin")
-    if actual != expected:
-        raise ConfigError(
-            f"data shard {prefix}.bin: {actual} bytes, but its index {prefix}.idx describes {expected} "
-            f"({'truncated' if actual < expected else 'longer than its index'}; re-run lm2-preprocess)")
 
 
 def _ids_from_tokenizer(spec: str) -> TokenizerIds:
@@ -328,13 +305,11 @@ def check_splits(split: str, split_matrix, sizes, blend, seq_length: int) -> Non
     one document and one sequence's worth of tokens (seq_length + 1), counted from the .idx as
     megatron-core will cut it (round(bound x documents)); otherwise megatron loops forever or
     fails at some step. One line naming the shard, the split and the counts."""
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
     prefixes, weights = blend
     for k, prefix in enumerate(prefixes):
         if weights is not None and weights[k] <= 0:
             continue
-        index = _read_index(prefix + ".idx", _IndexReader)
+        index = read_index(prefix + ".idx")
         documents = len(index.document_indices) - 1
         for i, bounds in enumerate(split_matrix):
             if bounds is None or not sizes[i]:
@@ -352,20 +327,6 @@ def check_splits(split: str, split_matrix, sizes, blend, seq_length: int) -> Non
                     f"--split {split}: the {SPLIT_NAMES[i]} split of {prefix} gets documents {begin}..{end} "
                     f"of its {documents} ({end - begin} documents, {tokens} tokens), less than one sequence of {need} tokens, and the run asks it for {sizes[i]} "
                     f"samples; change --split, or {off}")
-
-
-def _read_index(path: str, reader):
-    import logging
-
-    logger = logging.getLogger("megatron.core.datasets.indexed_dataset")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # the reader logs every array it maps
-    try:
-        return reader(path, multimodal=False)
-    except (OSError, ValueError, AssertionError, IndexError, struct.error) as error:
-        raise ConfigError(f"data index {path}: unreadable ({type(error).__name__}: {error})") from None
-    finally:
-        logger.setLevel(level)
 
 
 class MicroBatchSampler:

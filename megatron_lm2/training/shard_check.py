@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import struct
 import time
 from typing import Dict, List, Optional
 
@@ -76,12 +78,44 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _index(prefix: str):
+def read_index(path: str):
+    """megatron-core's reader of an `.idx` (its arrays memory-mapped); one line if unreadable."""
     from megatron.core.datasets.indexed_dataset import _IndexReader
 
-    from megatron_lm2.training.data import _read_index
+    logger = logging.getLogger("megatron.core.datasets.indexed_dataset")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the reader logs every array it maps
+    try:
+        return _IndexReader(path, multimodal=False)
+    except (OSError, ValueError, AssertionError, IndexError, struct.error) as error:
+        raise ConfigError(f"data index {path}: unreadable ({type(error).__name__}: {error})") from None
+    finally:
+        logger.setLevel(level)
 
-    return _read_index(prefix + ".idx", _IndexReader)
+
+def expected_bin_bytes(idx_path: str) -> int:
+    """The size PREFIX.bin must have, from its index: the last sequence's byte offset plus its
+    length in tokens times the token size."""
+    index = read_index(idx_path)
+    if len(index.sequence_lengths) == 0:
+        return 0
+    return int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+
+
+def _size_problem(prefix: str) -> Optional[str]:
+    expected, actual = expected_bin_bytes(prefix + ".idx"), os.path.getsize(prefix + ".bin")
+    if actual == expected:
+        return None
+    return (f"data shard {prefix}.bin: {actual} bytes, but its index {prefix}.idx describes {expected} "
+            f"({'truncated' if actual < expected else 'longer than its index'}; re-run lm2-preprocess)")
+
+
+def check_shard_size(prefix: str) -> None:
+    """A truncated (or padded) PREFIX.bin is refused at start-up, naming it (cheap: the .idx
+    header and last entry), before anything is built."""
+    problem = _size_problem(prefix)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _counts(index) -> tuple:
@@ -114,14 +148,11 @@ def _stamp(prefix: str) -> dict:
 def _check_one(prefix: str, record: Optional[dict], cached: Optional[dict], vocab_size: int,
                progress) -> dict:
     """{'facts': {...}, 'problem': str or None, 'scanned': bytes read from the .bin}."""
-    from megatron_lm2.training.data import expected_bin_bytes
-
-    expected, actual = expected_bin_bytes(prefix + ".idx"), os.path.getsize(prefix + ".bin")
-    if actual != expected:
-        return {"problem": f"data shard {prefix}.bin: {actual} bytes, but its index {prefix}.idx describes "
-                           f"{expected} ({'truncated' if actual < expected else 'longer than its index'}; "
-                           f"re-run lm2-preprocess)"}
-    index = _index(prefix)
+    problem = _size_problem(prefix)
+    if problem:
+        return {"problem": problem}
+    actual = os.path.getsize(prefix + ".bin")
+    index = read_index(prefix + ".idx")
     documents, tokens = _counts(index)
     if tokens * index.dtype_size != actual:
         # The last entry alone matched the .bin's size; the lengths as a whole do not.
