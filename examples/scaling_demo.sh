@@ -8,7 +8,8 @@
 #
 # Environment: LM2_SCALING_DEMO_DIR (default runs/scaling_demo), LM2_SCALING_DEMO_JOBS (runs at
 # a time, default 2), LM2_SCALING_DEMO_WIDTHS ("[32, 48, 64, 96, 128]"), LM2_SCALING_DEMO_BUDGETS
-# ("[3e10, 1e11, 3e11]" FLOPs), LM2_PYTHON (interpreter; default tools/setup_venv.sh's .venv).
+# ("[3e10, 1e11, 3e11]" FLOPs), LM2_PYTHON (interpreter; default tools/setup_venv.sh's .venv),
+# LM2_SCALING_DEMO_PLAN_ONLY=1 (stop after planning).
 # Re-running resumes: finished runs are skipped, interrupted ones resume from their checkpoint.
 # What this cannot show: the models are 0.1-1 M parameters trained for seconds on a 1.3 M-token
 # synthetic corpus; the numbers exercise the pipeline, they are not scaling laws of LM2.
@@ -26,74 +27,22 @@ mkdir -p "$out"
 
 lm2_corpus_to_shards "$py" "$out" "[scaling-demo]" 6  # 1/6 corpus, 2/6 shards
 
-# The sweep: widths 32..128 (depth = width / 16, head dim 16), memory slots = width, memory head
-# dim 16, two memory chunks per 128-token sequence; DeepSeek's batch/LR rule with the LR clamped
-# (the rule extrapolated to 1e11 FLOPs asks for ~1e-2) and the batch floored at 8 sequences.
-cat > "$out/sweep.toml" <<TOML
-name = "scaling-demo"
-out = "sweep"
-
-[model]
-lm2_flavor = "debug"
-vanilla_flavor = "debug-vanilla"
-vocab_size = 2048
-seq_length = 128
-
-[ladder]
-knob = "width"
-values = $widths
-aspect_ratio = 16
-head_dim = 16
-ffn_ratio = 4.0
-ffn_multiple = 16
-
-[memory]
-# The paper's attention write, as when benchmarks/scaling_demo.md was recorded (the recipes' token
-# write is the sweep file's default since issue 10, 2026-12-06 at 097fc56).
-write = "attention"
-scores = "dot"
-forget_bias = 0.0
-write_shift = 0
-qk_init = "independent"
-slots_rule = "proportional"
-slots_per_width = 1.0
-heads_rule = "head_dim"
-head_dim = 16
-chunks_per_sequence = 2
-layers = "all"
-
-[isoflop]
-budgets = $budgets
-min_tokens_per_parameter = 0.001
-max_tokens_per_parameter = 1000
-
-[schedule]
-rule = "deepseek"
-lr_max = 3e-3
-batch_min_sequences = 8
-batch_max_sequences = 32
-warmup_fraction = 0.05
-min_steps = 10
-evals_per_run = 4
-eval_iters = 2
-log_interval = 10
-
-[cluster]
-nodes = 1
-gpus_per_node = 1
-gpu = "cpu"
-bf16 = false
-micro_batch_sizes = [8]
-max_tensor_parallel = 1
-max_pipeline_parallel = 1
-
-[data]
-data_path = ["$out/shards"]
-split = "98,2,0"
-TOML
+# The sweep: examples/sweeps/cpu_demo.toml (its comments say what it is), with this run's
+# widths, budgets, output and shards written in.
+"$py" - "$root/examples/sweeps/cpu_demo.toml" "$out" "$widths" "$budgets" <<'PY'
+import re, sys
+source, out, widths, budgets = sys.argv[1:]
+text = open(source).read()
+for key, value in (("values", widths), ("budgets", budgets), ("out", f'"{out}/sweep"'),
+                   ("data_path", f'["{out}/shards"]')):
+    text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
+    assert count == 1, key
+open(f"{out}/sweep.toml", "w").write(text)
+PY
 
 echo "[scaling-demo] 3/6 planning"
 "$py" -m megatron_lm2.scaling.cli plan "$out/sweep.toml"
+if [ "${LM2_SCALING_DEMO_PLAN_ONLY:-0}" = 1 ]; then echo "[scaling-demo] planned only"; exit 0; fi
 echo "[scaling-demo] 4/6 running the sweep locally ($jobs at a time, one thread each)"
 "$py" -m megatron_lm2.scaling.cli submit "$out/sweep" --local --jobs "$jobs" --threads 1
 echo "[scaling-demo] 5/6 collecting"

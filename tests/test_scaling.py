@@ -400,7 +400,17 @@ def test_bad_metrics_lines_name_file_line_and_key(tmp_path, capsys):
      "'chunks_per_sequence'"),
     (("[data]", "[model]\nvocab_size = 50000\n[data]"), "sweep.toml: [model] vocab_size: 50000 is not a multiple of 128"),
     (("[data]", "[model]\nlm2_flavor = 'lm2-2b'\n[data]"), "sweep.toml: [model] lm2_flavor: unknown flavor 'lm2-2b'"),
-    (("[data]", "[schedule]\nlr = -1\n[data]"), "sweep.toml: [schedule] lr: expected a non-negative number, got -1"),
+    (("[data]", "[schedule]\nlr = -1\n[data]"), "sweep.toml: [schedule] lr: expected a finite non-negative number, got -1"),
+    (("[data]", "[schedule]\nlr_max = inf\n[data]"), "sweep.toml: [schedule] lr_max: expected a finite non-negative number, got inf"),
+    # Each of these planned with exit 0 before (issue 32 item 3).
+    (("budgets = [1e19, 3e19]", "budgets = [0, 3e19]"), "sweep.toml: [isoflop] budgets: every budget must be > 0 FLOPs"),
+    (("budgets = [1e19, 3e19]", "budgets = [1e19, 3e19]\nmin_tokens_per_parameter = 50\nmax_tokens_per_parameter = 20"),
+     "sweep.toml: [isoflop] min_tokens_per_parameter: 50 is above max_tokens_per_parameter 20"),
+    (("[data]", "[schedule]\nwarmup_fraction = 2\n[data]"), "sweep.toml: [schedule] warmup_fraction: expected a fraction in [0, 1), got 2"),
+    (("[data]", "[schedule]\nmin_lr_ratio = 5\n[data]"), "sweep.toml: [schedule] min_lr_ratio: expected a fraction in [0, 1]"),
+    (("[data]", "[schedule]\nbatch_min_sequences = 64\nbatch_max_sequences = 8\n[data]"),
+     "sweep.toml: [schedule] batch_min_sequences: 64 is above batch_max_sequences 8"),
+    (("[data]", "[schedule]\nlr_scale = 0\n[data]"), "sweep.toml: [schedule] lr_scale: must be > 0, got 0"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, capsys, edit, message):
     from megatron_lm2.scaling.cli import main
@@ -579,3 +589,32 @@ def test_wsd_schedule_reaches_lm2_train(tmp_path):
         assert run.args[i:i + 4] == ["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", str(round(0.25 * run.steps))]
         train = parse_args([*run.args, "--dry-run"])
         assert (train.lr_decay_style, train.wsd_decay_iters()) == ("WSD", round(0.25 * run.steps))
+
+
+@pytest.mark.parametrize("name", ["cpu_demo.toml", "lm2_1p7b_ladder_64nodes.toml"])
+def test_example_sweep_files_plan(tmp_path, capsys, name):
+    """The sweep files the docs cite exist and plan (a dry run writes nothing)."""
+    from megatron_lm2.scaling.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = os.path.join(root, "examples", "sweeps", name)
+    assert main(["plan", source, "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "total GPU-hours" in out and out.count("iso-") >= 9, out[-2000:]
+
+
+def test_scaling_demo_plans_from_the_example_file(tmp_path):
+    """examples/scaling_demo.sh through its planning step: its sweep file is the example's with the
+    run's widths, budgets and paths written in (the demo's own file failed to plan once: a
+    write_shift of 0 was refused)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "demo"
+    result = subprocess.run(["bash", os.path.join(root, "examples", "scaling_demo.sh")], capture_output=True,
+                            text=True, timeout=900,
+                            env=_env(LM2_PYTHON=sys.executable, LM2_SCALING_DEMO_DIR=str(out),
+                                     LM2_SCALING_DEMO_PLAN_ONLY="1", LM2_SCALING_DEMO_WIDTHS="[32, 64]"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "planned only" in result.stdout
+    plan = json.loads((out / "sweep" / "plan.json").read_text())
+    assert {r["rung"] for r in plan["runs"]} == {32, 64}, plan["runs"][:2]
+    assert all(r["args"][r["args"].index("--data-path") + 1] == str(out / "shards") for r in plan["runs"])

@@ -13,7 +13,7 @@ read and write count in M as they count in the budget. B is rounded to a power o
 sequences (then clamped by [schedule] batch_min/max_sequences); lr is multiplied by lr_scale
 and clamped by lr_max. The fit was made for 100M-10B-parameter models on 2 T-token corpora;
 for CPU-demo-sized models (C ~ 1e11) it extrapolates far and gives LRs near 1e-2, which is why
-the demo clamps it (examples/scaling_demo.toml).
+the demo clamps it (examples/sweeps/cpu_demo.toml, `lr_max`).
 
 `fixed`: batch_sequences and lr from [schedule] for every run (a constant-hyperparameter study).
 """

@@ -3,12 +3,14 @@
 Every section is a dataclass; its fields are the keys the section accepts, with their types and
 defaults. A wrong key, type or value raises SweepFileError naming the file, the section and the
 key (`sweep.toml: [ladder] values: expected a non-empty list of positive integers, got 'x'`).
-docs/scaling.md lists the keys; examples/scaling_demo.toml is a complete file.
+docs/scaling.md lists the keys; examples/sweeps/ holds complete files (the CPU demo's and a 1.7B-class
+ladder for a 64-node cluster), each planned by a test.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -79,7 +81,7 @@ class MemorySection:
     init: str = field(default="identity", metadata=_choice(MEMORY_INIT_MODES))
     scores: str = field(default=_RECIPE["memory_scores"], metadata=_choice(MEMORY_SCORE_MODES))
     forget_bias: float = _RECIPE["memory_forget_bias"]  # memory_forget_bias: the forget gate's logit offset
-    write_shift: int = _RECIPE["memory_write_shift"]  # memory_write_shift: each written token plus the k before it
+    write_shift: int = field(default=_RECIPE["memory_write_shift"], metadata=dict(nonneg=True))  # memory_write_shift: each written token plus the k before it (0: none)
     qk_init: str = field(default=_RECIPE["memory_qk_init"], metadata=_choice(MEMORY_QK_INIT_MODES))  # memory_qk_init
 
 
@@ -239,7 +241,7 @@ def _section(cls, table, where: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise SweepFileError(f"{where} {key}: required key is missing")
             continue
-        values[key] = _convert(table[key], hints[key], f"{where} {key}")
+        values[key] = _convert(table[key], hints[key], f"{where} {key}", nonneg=f.metadata.get("nonneg", False))
         choices = f.metadata.get("choices")
         if choices:
             for item in (values[key] if isinstance(values[key], list) else [values[key]]):
@@ -248,27 +250,28 @@ def _section(cls, table, where: str):
     return cls(**values)
 
 
-def _convert(value, hint, where: str):
+def _convert(value, hint, where: str, nonneg: bool = False):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union:  # Optional[X]
         inner = [a for a in args if a is not type(None)][0]
-        return None if value is None else _convert(value, inner, where)
+        return None if value is None else _convert(value, inner, where, nonneg)
     if origin in (list, List):
         if not isinstance(value, list) or not value:
             raise SweepFileError(f"{where}: expected a non-empty list of {_name(args[0])}, got {value!r}")
-        return [_convert(item, args[0], where) for item in value]
+        return [_convert(item, args[0], where, nonneg) for item in value]
     if hint is bool:
         if not isinstance(value, bool):
             raise SweepFileError(f"{where}: expected true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise SweepFileError(f"{where}: expected a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if nonneg else 1):
+            raise SweepFileError(f"{where}: expected a {'non-negative' if nonneg else 'positive'} integer, "
+                                 f"got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise SweepFileError(f"{where}: expected a non-negative number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise SweepFileError(f"{where}: expected a finite non-negative number, got {value!r}")
         return float(value)
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -304,6 +307,7 @@ def _cross_check(spec: SweepSpec, name: str) -> None:
             kind = "token_sweep" if i < len(spec.token_sweep) else "memory_sweep"
             raise SweepFileError(f"{name}: [[{kind}]] rung: {sweep.rung} is not one of [ladder] values "
                                  f"{spec.ladder.values}")
+    _check_ranges(spec, name)
     if spec.cluster.mfu <= 0 or spec.cluster.mfu > 1:
         raise SweepFileError(f"{name}: [cluster] mfu: expected a fraction in (0, 1], got {spec.cluster.mfu}")
     if spec.schedule.decay_style == "WSD" and not 0 < spec.schedule.wsd_decay_fraction <= 1:
@@ -311,3 +315,37 @@ def _cross_check(spec: SweepSpec, name: str) -> None:
                              f"got {spec.schedule.wsd_decay_fraction}")
     if not spec.data.mock_data and not spec.data.data_path:
         raise SweepFileError(f"{name}: [data] data_path: required unless mock_data = true")
+
+
+def _check_ranges(spec: SweepSpec, name: str) -> None:
+    """Values each of the right type but meaningless together or out of range: each would plan
+    with exit 0 and a ladder that is not what the file seems to ask for."""
+    schedule = spec.schedule
+    checks = []
+    if spec.isoflop is not None:
+        iso = spec.isoflop
+        checks += [
+            ("[isoflop] budgets", all(b > 0 for b in iso.budgets), f"every budget must be > 0 FLOPs, got {iso.budgets}"),
+            ("[isoflop] min_tokens_per_parameter", iso.min_tokens_per_parameter <= iso.max_tokens_per_parameter,
+             f"{iso.min_tokens_per_parameter:g} is above max_tokens_per_parameter {iso.max_tokens_per_parameter:g}"),
+            ("[isoflop] max_tokens_per_parameter", iso.max_tokens_per_parameter > 0, "must be > 0"),
+        ]
+    for i, sweep in enumerate(spec.token_sweep):
+        checks.append((f"[[token_sweep]] #{i + 1} tokens", all(t > 0 for t in sweep.tokens),
+                       f"every token count must be > 0, got {sweep.tokens}"))
+    for i, sweep in enumerate(spec.memory_sweep):
+        checks.append((f"[[memory_sweep]] #{i + 1} tokens", sweep.tokens > 0, f"must be > 0, got {sweep.tokens:g}"))
+    checks += [
+        ("[schedule] warmup_fraction", 0 <= schedule.warmup_fraction < 1,
+         f"expected a fraction in [0, 1), got {schedule.warmup_fraction:g}"),
+        ("[schedule] min_lr_ratio", 0 <= schedule.min_lr_ratio <= 1,
+         f"expected a fraction in [0, 1] of the peak LR, got {schedule.min_lr_ratio:g}"),
+        ("[schedule] batch_min_sequences", schedule.batch_min_sequences <= schedule.batch_max_sequences,
+         f"{schedule.batch_min_sequences} is above batch_max_sequences {schedule.batch_max_sequences}"),
+        ("[schedule] lr_scale", schedule.lr_scale > 0, f"must be > 0, got {schedule.lr_scale:g}"),
+        ("[schedule] lr_max", schedule.lr_max > 0, f"must be > 0, got {schedule.lr_max:g}"),
+        ("[schedule] lr", schedule.rule != "fixed" or schedule.lr > 0, f"must be > 0, got {schedule.lr:g}"),
+    ]
+    for where, ok, what in checks:
+        if not ok:
+            raise SweepFileError(f"{name}: {where}: {what}")
