@@ -1,6 +1,6 @@
 """benchmarks/bench_gpu.py on a CPU: sections release their models, interleaved timings and
-their medians, the MFU peak by device name, --out, --plan, the flash parity check's CPU skip
-(issue 34)."""
+their medians, the MFU peak by device name, --out, --plan, the flash parity check's CPU skip,
+and the carry folder's size check (issue 34)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import bench_gpu  # noqa: E402
 
@@ -199,3 +200,16 @@ def test_flash_parity_on_gpu():
     parity = bench_gpu.flash_parity(module, tokens)
     assert parity["flash"] and parity["max_rel_diff_flash_vs_math"] <= bench_gpu.BF16_TOLERANCE
 
+
+def test_carry_folder_size_check(tmp_path):
+    import carry_size
+
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    (folder / "a.whl").write_bytes(b"x" * 3000)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.whl").write_bytes(b"x" * 2000)
+    assert carry_size.folder_bytes(folder) == 5000
+    assert carry_size.check(folder, limit_bytes=5000) == 0
+    assert carry_size.check(folder, limit_bytes=4999) == 1
+    assert carry_size.LIMIT_BYTES == 64 * 2**20
