@@ -213,3 +213,12 @@ def test_carry_folder_size_check(tmp_path):
     assert carry_size.check(folder, limit_bytes=5000) == 0
     assert carry_size.check(folder, limit_bytes=4999) == 1
     assert carry_size.LIMIT_BYTES == 64 * 2**20
+
+
+def test_flash_refused_is_reported_not_fatal(monkeypatch):
+    """Where flash attention cannot take the memory's SDPA calls, section b still times the
+    default backend and says why flash was not used."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_gpu, "_with_flash", lambda fn: (_ for _ in ()).throw(RuntimeError("No available kernel.")))
+    parity = bench_gpu.flash_parity(lambda tokens: (tokens,), torch.zeros(2))
+    assert parity["flash"] is False and "No available kernel" in parity["skipped"]
