@@ -19,11 +19,18 @@ import torch
 from megatron_lm2.fileio import atomic_open
 
 # Dense (no sparsity) peak TFLOP/s per GPU by dtype; the name is matched as a substring of
-# torch.cuda.get_device_name().
+# torch.cuda.get_device_name(). The family's entry is its SXM part; PEAK_VARIANTS holds the
+# lower-clocked cards of a family, told apart by a marker in the name ("NVIDIA H100 NVL",
+# "NVIDIA H100 PCIe", "NVIDIA H200 NVL"; the SXM parts read "NVIDIA H100 80GB HBM3", "NVIDIA H200").
 PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp8": 1979.0, "fp32": 67.0},
-    "H100": {"bf16": 989.0, "fp8": 1979.0, "fp32": 67.0},  # SXM; the PCIe card is lower
+    "H100": {"bf16": 989.0, "fp8": 1979.0, "fp32": 67.0},  # SXM
     "A100": {"bf16": 312.0, "fp32": 19.5},
+}
+PEAK_VARIANTS = {
+    ("H100", "NVL"): {"bf16": 835.0, "fp8": 1671.0, "fp32": 60.0},
+    ("H100", "PCIe"): {"bf16": 756.0, "fp8": 1513.0, "fp32": 51.0},
+    ("H200", "NVL"): {"bf16": 835.0, "fp8": 1671.0, "fp32": 60.0},
 }
 
 
@@ -35,10 +42,12 @@ def device_name() -> str:
 
 def peak_tflops(name: str, dtype: str) -> Optional[float]:
     """Dense peak for a device name and 'bf16' | 'fp8' | 'fp32'; None when unknown (CPU)."""
+    lowered = name.lower()
     for key, peaks in PEAK_TFLOPS.items():
-        if key.lower() in name.lower():
-            if "PCIe" in name and key == "H100":
-                return {"bf16": 756.0, "fp8": 1513.0, "fp32": 51.0}.get(dtype)
+        if key.lower() in lowered:
+            for (family, marker), variant in PEAK_VARIANTS.items():
+                if family == key and marker.lower() in lowered:
+                    return variant.get(dtype)
             return peaks.get(dtype)
     return None
 
