@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_lm2.scaling.multiplier import Pooled, bootstrap_pooled, pooled_multiplier
 from megatron_lm2.scaling.util import SweepDataError
 
 HUBER_DELTA = 1e-3
@@ -388,6 +389,8 @@ def bootstrap_isoflop(groups_by_family: Dict[str, Dict[float, List[Point]]], fit
                            multiplier={})
     if "lm2" in per_family and "vanilla" in per_family:
         lm2, van = per_family["lm2"], per_family["vanilla"]
+        out["lm2"]["pooled_multiplier"] = interval(bootstrap_pooled(
+            lm2["budgets"], lm2["l_star"], lm2["n_ok"], van["budgets"], van["l_star"], van["n_ok"]), level)
         for j, budget in enumerate(lm2["budgets"]):
             values = []
             for k in range(samples):
@@ -421,6 +424,16 @@ class Study:
     multiplier: Dict[float, float]
     notes: List[str] = field(default_factory=list)
     best_run_multiplier: Dict[float, float] = field(default_factory=dict)
+    pooled: Optional[Pooled] = None  # the multiplier pooled across budgets (multiplier.py)
+    extrapolated: List[float] = field(default_factory=list)  # per-budget multipliers read off vanilla's range
+
+
+def pooled_from_fits(lm2: IsoflopFit, vanilla: IsoflopFit) -> Optional[Pooled]:
+    """The pooled multiplier through both families' interior vertices."""
+    good_l = [p for p in lm2.n_parabolas if not p.flag]
+    good_v = [p for p in vanilla.n_parabolas if not p.flag]
+    return pooled_multiplier([p.budget for p in good_l], [p.loss_at_vertex for p in good_l],
+                             [p.budget for p in good_v], [p.loss_at_vertex for p in good_v])
 
 
 def holdout_check(points: List[Point]) -> dict:
@@ -469,7 +482,17 @@ def run_study(points: List[Point], samples: int = 200, seed: int = 0, level: flo
         notes.append("no compute-optimal multiplier: no LM2 budget has an interior minimum (or vanilla has no "
                      "frontier); the best-run multiplier below compares the grids' best runs instead")
         best_run = best_run_multipliers(iso["lm2"], iso["vanilla"])
-    return Study(iso, parametric, par_ci, iso_ci, holdout, mult, notes, best_run)
+    pooled, extrapolated = None, []
+    if "lm2" in iso and "vanilla" in iso:
+        pooled = pooled_from_fits(iso["lm2"], iso["vanilla"])
+        front, _ = frontier_points(iso["vanilla"])
+        if front:
+            extrapolated = [b for b, m in mult.items() if not min(front) <= b * m <= max(front)]
+        if pooled is not None and pooled.extrapolated:
+            notes.append("pooled multiplier: LM2 budget(s) " + ", ".join(f"{b:.3g}" for b in pooled.extrapolated)
+                         + " shift beyond vanilla's budgets: there it rests on the fitted curve's shape, "
+                           "not on vanilla runs (add a larger vanilla budget)")
+    return Study(iso, parametric, par_ci, iso_ci, holdout, mult, notes, best_run, pooled, extrapolated)
 
 
 def _ci(pair) -> str:
@@ -507,11 +530,20 @@ def format_study(study: Study, level: float = 0.90) -> str:
                          f"over {len(hold['runs'])} runs")
         elif hold:
             lines.append(f"  held out rung {hold['rung']}: {hold['error']}")
+    if study.pooled is not None:
+        ci = study.isoflop_intervals.get("lm2", {}).get("pooled_multiplier")
+        shape = "quadratic" if study.pooled.degree == 2 else "line"
+        lines.append(f"== LM2-vs-vanilla compute multiplier, pooled across budgets: {study.pooled.multiplier:.3f}x  "
+                     f"{pct} {_ci(ci)}  (one shift of vanilla's frontier, a {shape} in log C; "
+                     f"fit rms {study.pooled.residual_rms:.2e} in log L)")
+        if study.pooled.extrapolated:
+            lines.append("  EXTRAPOLATED at LM2 budget(s) " + ", ".join(f"{b:.3g}" for b in study.pooled.extrapolated))
     if study.multiplier:
         ci = study.isoflop_intervals.get("lm2", {}).get("multiplier", {})
-        lines.append("== LM2-vs-vanilla compute multiplier (vanilla compute for LM2's optimal loss / LM2 compute)")
+        lines.append("== per-budget multipliers (a diagnostic: vanilla compute for LM2's optimal loss / LM2 compute)")
         for budget, value in sorted(study.multiplier.items()):
-            lines.append(f"  C {budget:.3g}: {value:.3f}x  {pct} {_ci(ci.get(budget))}")
+            tag = "  EXTRAPOLATED (beyond vanilla's budgets)" if budget in study.extrapolated else ""
+            lines.append(f"  C {budget:.3g}: {value:.3f}x  {pct} {_ci(ci.get(budget))}{tag}")
     if study.best_run_multiplier:
         ci = study.isoflop_intervals.get("lm2", {}).get("best_run_multiplier", {})
         lines.append("== LM2-vs-vanilla BEST-RUN multiplier (grids' lowest losses; NOT compute-optimal: edge minima)")
@@ -536,4 +568,9 @@ def study_json(study: Study) -> dict:
         parametric={f: p.as_dict() for f, p in study.parametric.items()},
         parametric_intervals=study.parametric_intervals, holdout=study.holdout,
         multiplier={str(b): v for b, v in study.multiplier.items()},
-        best_run_multiplier={str(b): v for b, v in study.best_run_multiplier.items()}, notes=study.notes)
+        best_run_multiplier={str(b): v for b, v in study.best_run_multiplier.items()},
+        pooled_multiplier=(None if study.pooled is None else dict(
+            value=study.pooled.multiplier, degree=study.pooled.degree, extrapolated=study.pooled.extrapolated,
+            residual_rms=study.pooled.residual_rms,
+            interval=study.isoflop_intervals.get("lm2", {}).get("pooled_multiplier"))),
+        extrapolated_budgets=study.extrapolated, notes=study.notes)
