@@ -421,3 +421,86 @@ def test_trainer_logging_is_plain_stdout_on_rank_zero(capsys):
     log.info("step 1/2 | loss 7.6350")
     log.warning("iter_0000002 is recorded as not known-good")
     assert capsys.readouterr() == ("step 1/2 | loss 7.6350\nWARNING: iter_0000002 is recorded as not known-good\n", "")
+
+
+# ------------------------------------------------------------------ activation recompute
+def _recompute_runs():
+    """Two steps per recompute setting from the same seed: megatron-core's checkpoint calls
+    counted, the model's recompute fields, losses and gradient norms."""
+    from megatron.core import tensor_parallel
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    settings = {
+        "none": [],
+        "full": ["--recompute-granularity", "full"],  # uniform, units of 1 layer
+        "full-uniform-2": ["--recompute-granularity", "full", "--recompute-num-layers", "2"],
+        "full-block-3": ["--recompute-granularity", "full", "--recompute-method", "block",
+                         "--recompute-num-layers", "3"],
+        "selective": ["--recompute-granularity", "selective"],
+    }
+    original, calls = tensor_parallel.checkpoint, []
+
+    def counting(function, distribute_saved_activations, *args):
+        calls.append(1)
+        return original(function, distribute_saved_activations, *args)
+
+    tensor_parallel.checkpoint = counting
+    out = {}
+    try:
+        for name, extra in settings.items():
+            calls.clear()
+            trainer = Trainer(parse_args(COMMON + ["--train-iters", "2"] + extra))
+            block_config = trainer.model_chunks[0].module.decoder.config
+            history = trainer.run()
+            out[name] = dict(
+                fields=(block_config.recompute_granularity, block_config.recompute_method,
+                        block_config.recompute_num_layers),
+                calls=len(calls), losses=[r["loss"] for r in history],
+                grad_norms=[r["grad_norm"] for r in history])
+    finally:
+        tensor_parallel.checkpoint = original
+    return out
+
+
+def test_activation_recompute_reaches_the_model_and_changes_no_number():
+    """--recompute-granularity/--recompute-method/--recompute-num-layers set megatron-core's
+    fields on the built model, it checkpoints the units they ask for (2 steps x 4 micro-batches
+    x units per forward), and the losses and gradient norms equal those without recompute."""
+    runs = run_distributed(_recompute_runs, 1)[0]
+    expected = {
+        "none": ((None, None, None), 0),
+        "full": (("full", "uniform", 1), 8 * 4),  # 4 layers, one unit each
+        "full-uniform-2": (("full", "uniform", 2), 8 * 2),
+        "full-block-3": (("full", "block", 3), 8 * 3),
+        "selective": (("selective", None, None), 8 * 4),  # the core attention of each layer
+    }
+    plain = runs["none"]
+    assert all(math.isfinite(x) for x in plain["losses"] + plain["grad_norms"]), plain
+    for name, (fields, calls) in expected.items():
+        run = runs[name]
+        assert (run["fields"], run["calls"]) == (fields, calls), (name, run)
+        assert np.allclose(run["losses"], plain["losses"], rtol=1e-6, atol=0), (name, run, plain)
+        assert np.allclose(run["grad_norms"], plain["grad_norms"], rtol=1e-6, atol=0), (name, run, plain)
+
+
+def test_recompute_flag_errors_name_the_flag(capsys):
+    from megatron_lm2.training.config import parse_args
+
+    base = ["--flavor", "debug", "--mock-data", "--num-layers", "4"]
+    cases = {
+        ("--recompute-method", "block"): "--recompute-method block needs --recompute-granularity full",
+        ("--recompute-granularity", "selective", "--recompute-num-layers", "2"):
+            "--recompute-num-layers 2 needs --recompute-granularity full",
+        ("--recompute-granularity", "full", "--recompute-num-layers", "3"):
+            "--recompute-num-layers 3 does not divide the 4 layers of a model chunk",
+        ("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "5"):
+            "--recompute-num-layers 5 is more than the 4 layers of a model chunk",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(SystemExit) as exit:
+            parse_args(base + list(extra), world_size=1)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"lm2-train: error: {message}"), (extra, err)
+        assert err.count("\n") == 1, err
