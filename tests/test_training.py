@@ -504,3 +504,22 @@ def test_recompute_flag_errors_name_the_flag(capsys):
         err = capsys.readouterr().err
         assert exit.value.code == 2 and err.startswith(f"lm2-train: error: {message}"), (extra, err)
         assert err.count("\n") == 1, err
+
+
+def _tp_comm_overlap_on_cpu():
+    from megatron_lm2.config import ConfigError
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    try:
+        Trainer(parse_args(COMMON + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                     "--tp-comm-overlap"], world_size=2))
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def test_tp_comm_overlap_is_refused_on_a_cpu():
+    """The trainer stops before building a model, in one line naming the flag."""
+    for message in run_distributed(_tp_comm_overlap_on_cpu, 2, tp=2):
+        assert message and message.startswith("--tp-comm-overlap needs a CUDA GPU") and "\n" not in message

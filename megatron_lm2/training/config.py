@@ -131,6 +131,10 @@ class TrainConfig(ModelFlags):
         None, "full recompute: layers per unit (uniform; default 1, must divide the layers of a "
         "model chunk) or layers recomputed per model chunk (block; default all)", positive=True,
         group="performance")
+    tp_comm_overlap: bool = _f(
+        False, "overlap the tensor-parallel all-gathers/reduce-scatters with the GEMMs through "
+        "Transformer Engine's userbuffers (needs a CUDA GPU, TE, --sequence-parallel and "
+        "CUDA_DEVICE_MAX_CONNECTIONS=1)", group="performance")
     seed: int = _f(1234, "random seed (init, data order)", nonneg=True)
     max_skipped_steps: int = _f(5, "halt after this many steps in a row with NaN/Inf loss or "
                                 "gradients (each is skipped)", positive=True)
@@ -252,6 +256,11 @@ class TrainConfig(ModelFlags):
         if self.eval_interval and self.eval_iters and split[1] == 0:
             raise ConfigError(f"--eval-interval {self.eval_interval} needs a validation share in --split "
                               f"(got {self.split!r})")
+        if self.tp_comm_overlap and not (self.sequence_parallel and self.tensor_model_parallel_size > 1):
+            raise ConfigError(
+                "--tp-comm-overlap needs --sequence-parallel with --tensor-model-parallel-size > 1 "
+                f"(got --tensor-model-parallel-size {self.tensor_model_parallel_size}"
+                + ("" if self.sequence_parallel else ", no --sequence-parallel") + ")")
         if self.recompute_granularity != "full":
             for name in ("recompute_method", "recompute_num_layers"):
                 if getattr(self, name) is not None:
