@@ -523,3 +523,43 @@ def test_tp_comm_overlap_is_refused_on_a_cpu():
     """The trainer stops before building a model, in one line naming the flag."""
     for message in run_distributed(_tp_comm_overlap_on_cpu, 2, tp=2):
         assert message and message.startswith("--tp-comm-overlap needs a CUDA GPU") and "\n" not in message
+
+
+def _manual_gc():
+    import gc
+
+    from megatron_lm2.training import trainer as trainer_module
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    runs = {}
+    for interval in (0, 2):
+        trainer = Trainer(parse_args(COMMON + ["--train-iters", "5", "--manual-gc-interval", str(interval)]))
+        calls = []
+
+        class RecordingGC:
+            """The trainer's `gc`: records the step of each collection and whether automatic
+            collection was off then."""
+
+            @staticmethod
+            def collect(*args, **kwargs):
+                calls.append((trainer.step, gc.isenabled()))
+                return 0
+
+            disable, enable, isenabled = staticmethod(gc.disable), staticmethod(gc.enable), staticmethod(gc.isenabled)
+
+        trainer_module.gc = RecordingGC
+        try:
+            trainer.run()
+        finally:
+            trainer_module.gc = gc
+        runs[interval] = dict(calls=calls, enabled_after=gc.isenabled())
+    return runs
+
+
+def test_manual_gc_collects_at_the_intended_steps():
+    """--manual-gc-interval 2 over 5 steps: automatic collection off for the run, one collection
+    before the first step and one after steps 2 and 4; back on afterwards. 0: untouched."""
+    runs = run_distributed(_manual_gc, 1)[0]
+    assert runs[0] == dict(calls=[], enabled_after=True)
+    assert runs[2] == dict(calls=[(0, False), (2, False), (4, False)], enabled_after=True)

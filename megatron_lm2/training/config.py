@@ -135,6 +135,10 @@ class TrainConfig(ModelFlags):
         False, "overlap the tensor-parallel all-gathers/reduce-scatters with the GEMMs through "
         "Transformer Engine's userbuffers (needs a CUDA GPU, TE, --sequence-parallel and "
         "CUDA_DEVICE_MAX_CONNECTIONS=1)", group="performance")
+    manual_gc_interval: int = _f(
+        0, "turn Python's automatic garbage collection off and collect every N steps, on every "
+        "rank at the same step, so no rank stalls alone in a collection while the others wait "
+        "for it in a collective (0: automatic collection)", nonneg=True, group="performance")
     seed: int = _f(1234, "random seed (init, data order)", nonneg=True)
     max_skipped_steps: int = _f(5, "halt after this many steps in a row with NaN/Inf loss or "
                                 "gradients (each is skipped)", positive=True)
