@@ -64,6 +64,20 @@ def test_layouts_match_single_process(reference, world, tp, pp, vpp):
     assert len(set(expected)) == 3
 
 
+def test_recompute_in_a_pipeline_matches_single_process(reference):
+    """Full recompute per pipeline stage (block: the first layer of each stage's chunk; TP2
+    uniform over each rank's layers) leaves the TP1/PP1 losses as they were."""
+    directory, expected = reference
+    initial = os.path.join(directory, "iter_0000000")
+    for world, tp, pp, extra in ((2, 1, 2, ["--recompute-granularity", "full", "--recompute-method", "block",
+                                            "--recompute-num-layers", "1"]),
+                                 (2, 2, 1, ["--recompute-granularity", "full"])):
+        layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+        results = run_distributed(_train, world, COMMON + layout + extra + ["--load", initial], tp=tp, pp=pp)
+        for losses in results:
+            assert np.allclose(losses, expected, rtol=1e-5, atol=0), (tp, pp, losses, expected)
+
+
 # ----------------------------------------------------------------------------- NaN / Inf
 def _nan_run(argv, nan_steps):
     from megatron_lm2.training.config import parse_args
