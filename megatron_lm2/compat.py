@@ -154,6 +154,16 @@ def enable_cpu_compat() -> bool:
     mcore_random._set_cuda_rng_state = (
         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     )
+    # Autograd runs a custom Function's backward outside the mode below, and megatron-core's
+    # activation recompute (CheckpointFunction: --recompute-granularity) re-runs forwards there,
+    # which build tensors on "cuda" (the causal softmax mask): recompute inside the mode too.
+    checkpoint_backward = mcore_random.CheckpointFunction.backward
+
+    def _recompute_on_cpu(ctx, *args):
+        with _CudaToCpuMode():
+            return checkpoint_backward(ctx, *args)
+
+    mcore_random.CheckpointFunction.backward = staticmethod(_recompute_on_cpu)
     # gloo has no reduce_scatter; sequence parallelism's reduce-scatter (mappings.py, and the
     # weight-gradient path in layers.py) falls back to an all-reduce plus this rank's slice.
     import megatron.core.tensor_parallel.layers as mcore_layers

@@ -14,6 +14,14 @@
 #   TP, PP, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, WANDB_PROJECT, VENV (activate script), EXTRA_ARGS
 #   LAUNCHER        torchrun (default: one srun task per node, torchrun rendezvous) or srun
 #                   (one srun task per GPU; ranks from SLURM_PROCID)
+#   Launcher environment, each overridable (defaults and reasons in the launch section):
+#   PYTORCH_CUDA_ALLOC_CONF, CUDA_DEVICE_MAX_CONNECTIONS, TORCH_NCCL_ASYNC_ERROR_HANDLING,
+#   NCCL_IB_TIMEOUT, NCCL_DEBUG, OMP_NUM_THREADS. MASTER_ADDR/MASTER_PORT are not: the rendezvous
+#   is always the allocation's first node, on a port derived from the job id.
+#
+# The job's output goes to <submit dir>/lm2-1p7b-<job id>.out (slurm does not create folders
+# for --output; a path in a missing folder loses the log, so the default is the submit dir).
+# To keep logs elsewhere, create the folder first: mkdir -p logs && sbatch --output=logs/%x-%j.out ...
 #
 # Preemption: slurm sends SIGUSR1 to this script 120 s before the time limit (or on
 # preemption); the trap forwards it to the training processes, which finish the current step,
@@ -29,7 +37,7 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 
 set -euo pipefail
 
@@ -97,27 +105,50 @@ if [[ -n "${WANDB_PROJECT:-}" ]]; then LOGGING_ARGS+=(--wandb-project "$WANDB_PR
 EXTRA=(${EXTRA_ARGS:-})
 ARGS=("${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" "${EXTRA[@]}")
 
-if [[ "$DRY_RUN" == 1 ]]; then
-    # The launcher's environment (the exports of the launch section below).
-    echo "env         PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110"
-    exec python -m megatron_lm2.train --dry-run --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" "${ARGS[@]}"
-fi
-
 # ---- launch and requeue (lm2-sweep submit copies this section into its job arrays) ----
-mkdir -p "$CHECKPOINT_DIR" logs
-# (not `| head -n 1`: with pipefail, scontrol's SIGPIPE would end the script)
-mapfile -t NODE_LIST < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-MASTER_ADDR=${NODE_LIST[0]}
-MASTER_PORT=${MASTER_PORT:-29500}
+# Rendezvous on the allocation's first node, never a fallback: a 127.0.0.1 (or an address the
+# submitting shell exported, which sbatch passes on) would make every node rendezvous with itself.
+if [[ -n "${SLURM_JOB_NODELIST:-}" && -n "${SLURM_JOB_ID:-}" ]]; then
+    # (not `| head -n 1`: with pipefail, scontrol's SIGPIPE would end the script)
+    mapfile -t NODE_LIST < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    MASTER_ADDR=${NODE_LIST[0]:?scontrol show hostnames $SLURM_JOB_NODELIST listed no node}
+    # Fixed per job (a requeued job keeps its id, so its port), different for jobs sharing a
+    # node (ids less than 15000 apart), and below Linux's ephemeral port range (32768-60999),
+    # from which outgoing connections draw theirs.
+    MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 15000 ))
+elif [[ "${DRY_RUN:-0}" == 1 ]]; then
+    MASTER_ADDR="<first-node-of-SLURM_JOB_NODELIST>"
+    MASTER_PORT="<15000+SLURM_JOB_ID%15000>"
+else
+    echo "error: no SLURM_JOB_NODELIST/SLURM_JOB_ID: submit with sbatch (or use --dry-run)" >&2
+    exit 2
+fi
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-export CUDA_DEVICE_MAX_CONNECTIONS=1
+# One hardware queue per GPU: kernels run in the order they were launched, which Megatron's
+# TP/sequence-parallel communication overlap relies on (lm2-train --tp-comm-overlap requires 1).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# Allocator segments that grow in place: less fragmentation from activations whose sizes
+# change between micro-batches, evaluation and checkpointing (fewer OOMs at the same peak).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# A failed or timed-out NCCL collective ends its process (communicators torn down), so srun
+# ends the job instead of the other ranks hanging until the time limit. (torch's name for it;
+# the old NCCL_ASYNC_ERROR_HANDLING is deprecated and only makes torch warn.)
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# InfiniBand retransmission timeout 4.096 us x 2^N: 22 (~17 s, NCCL's default 20 is ~4 s) rides
+# out a congested or flapping link on a large job instead of failing it.
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+# NCCL says why a communicator failed (warnings only; INFO for a debugging run).
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # torchrun forwards these signals to its workers and waits this long before SIGKILL. The list
 # is torchrun's --signals-to-handle (env PET_SIGNALS_TO_HANDLE); torchrun overwrites
 # TORCHELASTIC_SIGNALS_TO_HANDLE with that flag's value, and without SIGUSR1 in it SIGUSR1
 # kills torchrun itself and orphans the ranks, which then never save.
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110
+LAUNCH_ENV=(MASTER_ADDR MASTER_PORT OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF
+            TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_IB_TIMEOUT NCCL_DEBUG PET_SIGNALS_TO_HANDLE
+            TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
 
 if [[ "${LAUNCHER:-torchrun}" == "srun" ]]; then
     LAUNCH=(srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" --gpus-per-node="$GPUS_PER_NODE"
@@ -126,9 +157,21 @@ if [[ "${LAUNCHER:-torchrun}" == "srun" ]]; then
 else
     LAUNCH=(srun --kill-on-bad-exit=1 --ntasks-per-node=1
             torchrun --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
-            --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"
+            --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${SLURM_JOB_ID:-<job-id>}"
             -m megatron_lm2.train "${ARGS[@]}")
 fi
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    # What the launch would export and run, then lm2-train's own dry run of the flags.
+    ENV_LINE=()
+    for name in "${LAUNCH_ENV[@]}"; do ENV_LINE+=("$name=${!name}"); done
+    echo "env         ${ENV_LINE[*]}"
+    echo "launch      ${LAUNCH[*]}"
+    exec python -m megatron_lm2.train --dry-run --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" "${ARGS[@]}"
+fi
+# What this script writes: the checkpoints (the trainer makes its subfolders); the job's log
+# is slurm's --output.
+mkdir -p "$CHECKPOINT_DIR"
 
 PREEMPTED=0
 on_usr1() {

@@ -82,3 +82,57 @@ def test_memory_module_saves_at_most_half_of_the_old_path():
     with saved_bytes_counter(exclude=params + list(module.buffers())) as old:
         explicit_forward(module, tokens)
     assert new[0] <= 32 * 2**20 and old[0] >= 2 * new[0], (new[0] / 2**20, old[0] / 2**20)
+
+
+# --------------------------------------------------------------------- activation recompute
+def _plain(cfg, **kw):
+    return activation_bytes(cfg, 2, tp=1, flash_attention=False, bytes_per_value=4, **kw)
+
+
+def test_recompute_estimates_follow_the_flags():
+    """lm2-train --recompute-*: the dry run's estimate against arithmetic of its own here. One
+    layer's activations come from the plain estimate's differences (a layer more or less, with
+    and without its memory); selective drops each layer's fp32 scores a*s^2*b*4; full keeps of
+    each recomputed unit its input s*b*h*4 and rebuilds the largest unit once in backward."""
+    shape = dict(SHAPE, num_layers=4, memory_layers=(2,))  # one memory layer of four
+    cfg = get_flavor("debug", **shape)
+    s, b, h, a = cfg.seq_length, 2, cfg.hidden_size, cfg.num_attention_heads
+    layer_input = s * b * h * 4
+    vanilla = dict(shape, memory_layers=())
+    block = _plain(get_flavor("debug", **vanilla)) - _plain(get_flavor("debug", **dict(vanilla, num_layers=3)))
+    memory = _plain(cfg) - _plain(get_flavor("debug", **vanilla))
+    plain = _plain(cfg)
+    assert block > 0 and memory > 0 and plain == _plain(get_flavor("debug", **vanilla)) + memory
+
+    def full(method, layers, pp=1, vpp=None):
+        return _plain(cfg.replace(recompute_granularity="full", recompute_method=method,
+                                  recompute_num_layers=layers, pipeline_model_parallel_size=pp,
+                                  virtual_pipeline_model_parallel_size=vpp))
+
+    # uniform 1: every layer keeps its input; backward rebuilds one layer (the memory layer).
+    expected = plain - 4 * block - memory + 4 * layer_input + (block + memory)
+    assert full("uniform", 1) == pytest.approx(expected, rel=1e-12)
+    assert full("uniform", 1) < plain
+    # uniform 2: units {1,2} and {3,4}; the largest holds the memory layer.
+    expected = plain - 4 * block - memory + 2 * layer_input + (2 * block + memory)
+    assert full("uniform", 2) == pytest.approx(expected, rel=1e-12)
+    # block 1: only layer 1 of the chunk (no memory) is recomputed.
+    expected = plain - block + layer_input + block
+    assert full("block", 1) == pytest.approx(expected, rel=1e-12)
+    # PP 2, block 1: layers 1 and 3 (the first of each stage's chunk), the memory layer kept.
+    expected = plain - 2 * block + 2 * layer_input + block
+    assert full("block", 1, pp=2) == pytest.approx(expected, rel=1e-12)
+    # selective: no layer keeps its fp32 scores.
+    selective = _plain(cfg.replace(recompute_granularity="selective"))
+    assert selective == pytest.approx(plain - 4 * a * s * s * b * 4, rel=1e-12)
+
+
+def test_selective_recompute_estimate_matches_what_autograd_keeps():
+    """Measured like the plain estimates (saved-tensor hooks over a training forward): the
+    checkpointed core attention keeps only its inputs."""
+    cfg = get_flavor("debug", **SHAPE, recompute_granularity="selective")
+    measured = measured_bytes(cfg, 2)
+    estimate = activation_bytes(cfg, 2, tp=1, flash_attention=False, bytes_per_value=4)
+    assert abs(estimate - measured) / measured < 0.15, (estimate / 2**20, measured / 2**20)
+    plain = measured_bytes(get_flavor("debug", **SHAPE), 2)
+    assert plain - measured >= 0.9 * 2 * cfg.num_attention_heads * cfg.seq_length ** 2 * 2 * 4

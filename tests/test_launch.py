@@ -31,13 +31,15 @@ def test_slurm_dry_run_prints_layout_and_command():
     # torchrun forwards SIGUSR1 only through its own flag's env var; the dry run prints what the
     # launch section exports.
     env = dict(item.split("=", 1) for item in lines["env"].split())
-    assert env == dict(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                       TORCH_ELASTIC_SHUTDOWN_TIMEOUT="110")
+    assert {k: env[k] for k in ("PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")} == dict(
+        PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="110")
     script = open(SLURM).read()
     launch = script[script.index("# ---- launch and requeue"):]
-    for name, value in env.items():
-        assert f"\nexport {name}={value}\n" in launch, name
+    for name, value in env.items():  # every printed variable is one the launch exports
+        assert f"\nexport {name}=" in launch or f"\nexport {name} " in launch or f" {name}\n" in launch, name
     assert "TORCHELASTIC_SIGNALS_TO_HANDLE=" not in script  # torchrun overwrites it
+    # Outside an allocation the rendezvous is not made up (no 127.0.0.1): placeholders.
+    assert env["MASTER_ADDR"] == "<first-node-of-SLURM_JOB_NODELIST>" and "127.0.0.1" not in result.stdout
     # 4 nodes x 8 GPUs, TP 2 -> DP 16; global 256 = micro 4 x 4 micro-batches x 16.
     assert lines["layout"] == "4 nodes x 8 GPUs = 32 | TP 2 PP 1 DP 16"
     assert lines["batch"] == ("micro 4 x 4 micro-batches x DP 16 = global 256 sequences = "
@@ -214,8 +216,64 @@ def test_slurm_script_forwards_usr1_and_requeues(tmp_path):
     calls = open(log).read().splitlines()
     assert calls[0].startswith(
         "srun --kill-on-bad-exit=1 --ntasks-per-node=1 torchrun --nnodes 2 --nproc-per-node 8 "
-        "--rdzv-backend c10d --rdzv-endpoint node001:29500 --rdzv-id 42 -m megatron_lm2.train --flavor lm2-1.7b")
+        "--rdzv-backend c10d --rdzv-endpoint node001:15042 --rdzv-id 42 -m megatron_lm2.train --flavor lm2-1.7b")
     assert calls[1:] == ["scancel --signal=USR1 42", "step got USR1", "scontrol requeue 42"]
+
+
+LAUNCH_ENV_DEFAULTS = dict(
+    CUDA_DEVICE_MAX_CONNECTIONS="1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
+    TORCH_NCCL_ASYNC_ERROR_HANDLING="1", NCCL_IB_TIMEOUT="22", NCCL_DEBUG="WARN",
+    PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="110")
+
+
+def _dry_run_in_allocation(tmp_path, **extra):
+    bin_dir, log = str(tmp_path / "bin"), str(tmp_path / "calls.log")
+    os.makedirs(bin_dir, exist_ok=True)
+    _fake_slurm(bin_dir, log)
+    env = _env(SLURM_JOB_ID="123456", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[001-002]",
+               DATA_PATH="/data/shards", CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", **extra)  # what a submitting shell may export
+    env["PATH"] = bin_dir + os.pathsep + env["PATH"]
+    result = subprocess.run(["bash", SLURM, "--dry-run"], cwd=str(tmp_path), env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
+    return dict(item.split("=", 1) for item in lines["env"].split()), lines
+
+
+def test_slurm_dry_run_in_an_allocation_prints_the_rendezvous_and_env(tmp_path):
+    """Inside an allocation (fake SLURM_* and scontrol): MASTER_ADDR is the first node whatever
+    the environment says, the port is 15000 + job id % 15000, srun starts one torchrun per node
+    with the c10d rendezvous there, and the NCCL/allocator variables have their defaults, each
+    overridable from the environment."""
+    env, lines = _dry_run_in_allocation(tmp_path)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("node001", str(15000 + 123456 % 15000))
+    assert {k: env[k] for k in LAUNCH_ENV_DEFAULTS} == LAUNCH_ENV_DEFAULTS
+    assert lines["launch"].startswith(
+        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 torchrun --nnodes 2 --nproc-per-node 8 "
+        f"--rdzv-backend c10d --rdzv-endpoint node001:{15000 + 123456 % 15000} --rdzv-id 123456 "
+        "-m megatron_lm2.train --flavor lm2-1.7b")
+    assert lines["layout"] == "2 nodes x 8 GPUs = 16 | TP 1 PP 1 DP 16"
+    assert not os.path.exists(tmp_path / "ckpt")  # a dry run creates nothing
+    overridden, _ = _dry_run_in_allocation(tmp_path, NCCL_IB_TIMEOUT="20", NCCL_DEBUG="INFO",
+                                           PYTORCH_CUDA_ALLOC_CONF="expandable_segments:False")
+    assert (overridden["NCCL_IB_TIMEOUT"], overridden["NCCL_DEBUG"], overridden["PYTORCH_CUDA_ALLOC_CONF"]) == (
+        "20", "INFO", "expandable_segments:False")
+    assert overridden["MASTER_ADDR"] == "node001"
+
+
+def test_slurm_output_goes_to_a_folder_that_exists():
+    """slurm does not create --output's folder: the script's is the submit dir itself."""
+    script = open(SLURM).read()
+    outputs = [line for line in script.splitlines() if line.startswith("#SBATCH --output=")]
+    assert outputs == ["#SBATCH --output=%x-%j.out"]
+
+
+def test_slurm_script_outside_an_allocation_refuses_to_guess_the_rendezvous(tmp_path):
+    result = subprocess.run(["bash", SLURM], cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
+                            env=_env(DATA_PATH="/data/shards", CHECKPOINT_DIR=str(tmp_path / "ckpt")))
+    assert result.returncode == 2 and "submit with sbatch" in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "ckpt")
 
 
 _WORKER = """

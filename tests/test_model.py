@@ -333,6 +333,39 @@ def test_runtime_settings_follow_the_hardware():
     assert cfg.use_cpu_initialization and not cfg.gradient_accumulation_fusion and cfg.params_dtype == torch.float32
 
 
+def test_tp_comm_overlap_is_refused_where_it_cannot_run(monkeypatch, capsys):
+    """--tp-comm-overlap (TE userbuffers): one line naming the flag without sequence parallel
+    (or TP 1), on a CPU, without TE layers, without CUDA_DEVICE_MAX_CONNECTIONS=1; on a GPU with
+    TE it sets the model config's tp_comm_overlap."""
+    from megatron_lm2.training.build import runtime_settings
+    from megatron_lm2.training.config import parse_args
+
+    base = ["--flavor", "debug", "--mock-data", "--tp-comm-overlap"]
+    for extra, message in (([], "no --sequence-parallel"),
+                           (["--sequence-parallel"], "--tensor-model-parallel-size 1"),
+                           (["--tensor-model-parallel-size", "2"], "no --sequence-parallel")):
+        with pytest.raises(SystemExit):
+            parse_args(base + extra, world_size=2)
+        err = capsys.readouterr().err
+        assert err.startswith("lm2-train: error: --tp-comm-overlap needs --sequence-parallel") and message in err
+        assert err.count("\n") == 1, err
+    train = parse_args(base + ["--sequence-parallel", "--tensor-model-parallel-size", "2", "--bf16"],
+                       world_size=2)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    for backend, cuda, message in (("local", False, "--tp-comm-overlap needs a CUDA GPU"),
+                                   ("te", False, "--tp-comm-overlap needs a CUDA GPU"),
+                                   ("local", True, "--tp-comm-overlap needs Transformer Engine layers")):
+        with pytest.raises(ConfigError) as error:
+            runtime_settings(train, backend, cuda=cuda)
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), error.value
+    assert runtime_settings(train, "te", cuda=True)["model"]["tp_comm_overlap"] is True
+    assert "tp_comm_overlap" not in runtime_settings(
+        parse_args(["--flavor", "debug", "--mock-data"], world_size=1), "te", cuda=True)["model"]
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    with pytest.raises(ConfigError, match="^--tp-comm-overlap needs CUDA_DEVICE_MAX_CONNECTIONS=1 .*'8'"):
+        runtime_settings(train, "te", cuda=True)
+
+
 @pytest.mark.parametrize("backend", ["te", "local"])
 def test_fusions_that_need_apex_stay_off_without_it(backend):
     """megatron-core imports Apex's softmax kernels and wgrad GEMM by bare name and ships

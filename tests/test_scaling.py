@@ -224,6 +224,7 @@ def test_slurm_arrays_parse_and_launch_the_right_layout(tmp_path):
     paths = write_slurm(plan)
     section = launch_section()
     assert section.strip() in open(SLURM_TEMPLATE).read()
+    assert os.path.isdir(os.path.join(plan.out, "logs"))  # #SBATCH --output's folder, made before sbatch
     for nodes, path in paths.items():
         text = open(path).read()
         assert subprocess.run(["bash", "-n", path]).returncode == 0
@@ -257,7 +258,7 @@ def test_slurm_arrays_parse_and_launch_the_right_layout(tmp_path):
     assert script.returncode == 0, output
     calls = open(log).read().splitlines()
     assert calls[0].startswith(f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 torchrun --nnodes {nodes} "
-                               f"--nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node001:29500 --rdzv-id 7 "
+                               f"--nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node001:15007 --rdzv-id 7 "
                                f"-m megatron_lm2.train {' '.join(run.args)}")
     assert f"--tensor-model-parallel-size {run.layout['tp']} --pipeline-model-parallel-size {run.layout['pp']}" in calls[0]
     assert calls[1:] == ["scancel --signal=USR1 7", "step got USR1", "scontrol requeue 7"]

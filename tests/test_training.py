@@ -64,6 +64,20 @@ def test_layouts_match_single_process(reference, world, tp, pp, vpp):
     assert len(set(expected)) == 3
 
 
+def test_recompute_in_a_pipeline_matches_single_process(reference):
+    """Full recompute per pipeline stage (block: the first layer of each stage's chunk; TP2
+    uniform over each rank's layers) leaves the TP1/PP1 losses as they were."""
+    directory, expected = reference
+    initial = os.path.join(directory, "iter_0000000")
+    for world, tp, pp, extra in ((2, 1, 2, ["--recompute-granularity", "full", "--recompute-method", "block",
+                                            "--recompute-num-layers", "1"]),
+                                 (2, 2, 1, ["--recompute-granularity", "full"])):
+        layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+        results = run_distributed(_train, world, COMMON + layout + extra + ["--load", initial], tp=tp, pp=pp)
+        for losses in results:
+            assert np.allclose(losses, expected, rtol=1e-5, atol=0), (tp, pp, losses, expected)
+
+
 # ----------------------------------------------------------------------------- NaN / Inf
 def _nan_run(argv, nan_steps):
     from megatron_lm2.training.config import parse_args
@@ -421,3 +435,145 @@ def test_trainer_logging_is_plain_stdout_on_rank_zero(capsys):
     log.info("step 1/2 | loss 7.6350")
     log.warning("iter_0000002 is recorded as not known-good")
     assert capsys.readouterr() == ("step 1/2 | loss 7.6350\nWARNING: iter_0000002 is recorded as not known-good\n", "")
+
+
+# ------------------------------------------------------------------ activation recompute
+def _recompute_runs():
+    """Two steps per recompute setting from the same seed: megatron-core's checkpoint calls
+    counted, the model's recompute fields, losses and gradient norms."""
+    from megatron.core import tensor_parallel
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    settings = {
+        "none": [],
+        "full": ["--recompute-granularity", "full"],  # uniform, units of 1 layer
+        "full-uniform-2": ["--recompute-granularity", "full", "--recompute-num-layers", "2"],
+        "full-block-3": ["--recompute-granularity", "full", "--recompute-method", "block",
+                         "--recompute-num-layers", "3"],
+        "selective": ["--recompute-granularity", "selective"],
+    }
+    original, calls = tensor_parallel.checkpoint, []
+
+    def counting(function, distribute_saved_activations, *args):
+        calls.append(1)
+        return original(function, distribute_saved_activations, *args)
+
+    tensor_parallel.checkpoint = counting
+    out = {}
+    try:
+        for name, extra in settings.items():
+            calls.clear()
+            trainer = Trainer(parse_args(COMMON + ["--train-iters", "2"] + extra))
+            block_config = trainer.model_chunks[0].module.decoder.config
+            history = trainer.run()
+            out[name] = dict(
+                fields=(block_config.recompute_granularity, block_config.recompute_method,
+                        block_config.recompute_num_layers),
+                calls=len(calls), losses=[r["loss"] for r in history],
+                grad_norms=[r["grad_norm"] for r in history])
+    finally:
+        tensor_parallel.checkpoint = original
+    return out
+
+
+def test_activation_recompute_reaches_the_model_and_changes_no_number():
+    """--recompute-granularity/--recompute-method/--recompute-num-layers set megatron-core's
+    fields on the built model, it checkpoints the units they ask for (2 steps x 4 micro-batches
+    x units per forward), and the losses and gradient norms equal those without recompute."""
+    runs = run_distributed(_recompute_runs, 1)[0]
+    expected = {
+        "none": ((None, None, None), 0),
+        "full": (("full", "uniform", 1), 8 * 4),  # 4 layers, one unit each
+        "full-uniform-2": (("full", "uniform", 2), 8 * 2),
+        "full-block-3": (("full", "block", 3), 8 * 3),
+        "selective": (("selective", None, None), 8 * 4),  # the core attention of each layer
+    }
+    plain = runs["none"]
+    assert all(math.isfinite(x) for x in plain["losses"] + plain["grad_norms"]), plain
+    for name, (fields, calls) in expected.items():
+        run = runs[name]
+        assert (run["fields"], run["calls"]) == (fields, calls), (name, run)
+        assert np.allclose(run["losses"], plain["losses"], rtol=1e-6, atol=0), (name, run, plain)
+        assert np.allclose(run["grad_norms"], plain["grad_norms"], rtol=1e-6, atol=0), (name, run, plain)
+
+
+def test_recompute_flag_errors_name_the_flag(capsys):
+    from megatron_lm2.training.config import parse_args
+
+    base = ["--flavor", "debug", "--mock-data", "--num-layers", "4"]
+    cases = {
+        ("--recompute-method", "block"): "--recompute-method block needs --recompute-granularity full",
+        ("--recompute-granularity", "selective", "--recompute-num-layers", "2"):
+            "--recompute-num-layers 2 needs --recompute-granularity full",
+        ("--recompute-granularity", "full", "--recompute-num-layers", "3"):
+            "--recompute-num-layers 3 does not divide the 4 layers of a model chunk",
+        ("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "5"):
+            "--recompute-num-layers 5 is more than the 4 layers of a model chunk",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(SystemExit) as exit:
+            parse_args(base + list(extra), world_size=1)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"lm2-train: error: {message}"), (extra, err)
+        assert err.count("\n") == 1, err
+
+
+def _tp_comm_overlap_on_cpu():
+    from megatron_lm2.config import ConfigError
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    try:
+        Trainer(parse_args(COMMON + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                     "--tp-comm-overlap"], world_size=2))
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def test_tp_comm_overlap_is_refused_on_a_cpu():
+    """The trainer stops before building a model, in one line naming the flag."""
+    for message in run_distributed(_tp_comm_overlap_on_cpu, 2, tp=2):
+        assert message and message.startswith("--tp-comm-overlap needs a CUDA GPU") and "\n" not in message
+
+
+def _manual_gc():
+    import gc
+
+    from megatron_lm2.training import trainer as trainer_module
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    runs = {}
+    for interval in (0, 2):
+        trainer = Trainer(parse_args(COMMON + ["--train-iters", "5", "--manual-gc-interval", str(interval)]))
+        calls = []
+
+        class RecordingGC:
+            """The trainer's `gc`: records the step of each collection and whether automatic
+            collection was off then."""
+
+            @staticmethod
+            def collect(*args, **kwargs):
+                calls.append((trainer.step, gc.isenabled()))
+                return 0
+
+            disable, enable, isenabled = staticmethod(gc.disable), staticmethod(gc.enable), staticmethod(gc.isenabled)
+
+        trainer_module.gc = RecordingGC
+        try:
+            trainer.run()
+        finally:
+            trainer_module.gc = gc
+        runs[interval] = dict(calls=calls, enabled_after=gc.isenabled())
+    return runs
+
+
+def test_manual_gc_collects_at_the_intended_steps():
+    """--manual-gc-interval 2 over 5 steps: automatic collection off for the run, one collection
+    before the first step and one after steps 2 and 4; back on afterwards. 0: untouched."""
+    runs = run_distributed(_manual_gc, 1)[0]
+    assert runs[0] == dict(calls=[], enabled_after=True)
+    assert runs[2] == dict(calls=[(0, False), (2, False), (4, False)], enabled_after=True)

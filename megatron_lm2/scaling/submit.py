@@ -121,6 +121,9 @@ def write_slurm(plan: SweepPlan) -> Dict[int, str]:
     paths = {}
     for nodes, runs in sorted(groups.items()):
         path = os.path.join(plan.out, "slurm", f"array_{nodes}n.sh")
+        # The folder of the script's #SBATCH --output: slurm does not create it, and a job
+        # whose output folder is missing loses its log.
+        os.makedirs(os.path.join(plan.out, "logs"), exist_ok=True)
         atomic_write_text(path, array_script(plan, nodes, runs))
         os.chmod(path, 0o755)
         paths[nodes] = path

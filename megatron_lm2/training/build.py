@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from typing import List
 
 import torch
@@ -120,6 +121,9 @@ def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex_wgrad: b
     )
     if train.fp8_format:
         model["fp8_recipe"] = getattr(train, "fp8_recipe", "delayed")
+    if getattr(train, "tp_comm_overlap", False):
+        check_tp_comm_overlap(backend, cuda)
+        model["tp_comm_overlap"] = True
     ddp = dict(
         overlap_grad_reduce=_resolve(getattr(train, "overlap_grad_reduce", "auto"), cuda,
                                      "--overlap-grad-reduce", "needs CUDA streams (a GPU)"),
@@ -127,6 +131,49 @@ def runtime_settings(train: TrainConfig, backend: str, cuda: bool, apex_wgrad: b
                                       "--overlap-param-gather", "needs CUDA streams (a GPU)"),
     )
     return dict(model=model, ddp=ddp)
+
+
+def check_tp_comm_overlap(backend: str, cuda: bool, environ=None) -> None:
+    """--tp-comm-overlap: TE's userbuffers GEMMs (megatron-core passes ub_overlap_* to TE's
+    linears). They exist only on a CUDA GPU with Transformer Engine, and the overlap relies on
+    the communication kernels being queued behind the GEMMs in order: CUDA_DEVICE_MAX_CONNECTIONS=1,
+    which must be in the environment before CUDA starts (the slurm script exports it)."""
+    environ = os.environ if environ is None else environ
+    if not cuda:
+        raise ConfigError("--tp-comm-overlap needs a CUDA GPU (Transformer Engine's userbuffers); "
+                          "this machine has none")
+    if backend != "te":
+        raise ConfigError(f"--tp-comm-overlap needs Transformer Engine layers (--transformer-impl te; "
+                          f"got {backend!r}, transformer_engine importable: {te_available()})")
+    if environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+        raise ConfigError(
+            "--tp-comm-overlap needs CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment of every rank "
+            f"(got {environ.get('CUDA_DEVICE_MAX_CONNECTIONS')!r}); export it before the launch")
+
+
+_USERBUFFERS = None  # the shape TE's userbuffers were set up for, once per process
+
+
+def initialize_userbuffers(train: TrainConfig, config: LM2Config) -> None:
+    """TE's userbuffers for --tp-comm-overlap, before any TE layer is built: one communicator
+    set over the TP group, sized for a micro-batch's full-sequence activations [s*b, h] (what
+    the overlapped all-gather produces and the reduce-scatter consumes)."""
+    global _USERBUFFERS
+    import inspect
+
+    from transformer_engine.pytorch.module.base import initialize_ub
+
+    shape = [config.seq_length * train.micro_batch_size, config.hidden_size]
+    if _USERBUFFERS is not None:
+        if _USERBUFFERS != shape:
+            raise ConfigError(f"--tp-comm-overlap: userbuffers are set up for {_USERBUFFERS} in this "
+                              f"process, not {shape}")
+        return
+    kwargs = dict(shape=shape, tp_size=train.tensor_model_parallel_size, use_fp8=bool(config.fp8))
+    if "dtype" in inspect.signature(initialize_ub).parameters:
+        kwargs["dtype"] = config.params_dtype
+    initialize_ub(**kwargs)
+    _USERBUFFERS = shape
 
 
 # Fusions megatron-core may refuse for this machine (e.g. fused RoPE needs a TE with it), the
@@ -163,6 +210,8 @@ def build_model_chunks(train: TrainConfig, config: LM2Config) -> List[Distribute
     settings = runtime_settings(train, backend, cuda_available(), apex_wgrad=apex_wgrad_available(),
                                 apex_softmax=apex_softmax_available())
     apply_runtime_settings(config, settings, strict=train.fused_kernels == "on")
+    if settings["model"].get("tp_comm_overlap"):
+        initialize_userbuffers(train, config)
     vpp = train.virtual_pipeline_size()
     if vpp:
         model_chunks = [build_model(config, backend, vp_stage=i) for i in range(vpp)]

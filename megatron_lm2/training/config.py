@@ -35,6 +35,9 @@ FP8_FORMATS = ("hybrid", "e4m3")
 # the last --lr-wsd-decay-iters steps of --lr-decay-iters.
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
 LR_WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+# Activation recompute, megatron-core's TransformerConfig.recompute_granularity / _method.
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 def _flag(help: str, *, choices=None, positive=False, nonneg=False, group="training", aliases=()):
@@ -115,6 +118,27 @@ class TrainConfig(ModelFlags):
     fused_kernels: str = _f("auto", "Megatron's fused RoPE, SwiGLU, bias-dropout-add, masked softmax and "
                             "cross-entropy, and gradient-accumulation fusion with TE/Apex (auto: on GPUs)",
                             choices=("auto", "on", "off"), group="performance")
+    recompute_granularity: Optional[str] = _f(
+        None, "activation recompute (default none): selective = the core attention (scores, "
+        "softmax) recomputed in backward; full = whole transformer layers, keeping only their "
+        "inputs", choices=RECOMPUTE_GRANULARITIES, group="performance")
+    recompute_method: Optional[str] = _f(
+        None, "full recompute: uniform = the layers of each model chunk in units of "
+        "--recompute-num-layers, each keeping its input (default); block = only the first "
+        "--recompute-num-layers layers of each model chunk", choices=RECOMPUTE_METHODS,
+        group="performance")
+    recompute_num_layers: Optional[int] = _f(
+        None, "full recompute: layers per unit (uniform; default 1, must divide the layers of a "
+        "model chunk) or layers recomputed per model chunk (block; default all)", positive=True,
+        group="performance")
+    tp_comm_overlap: bool = _f(
+        False, "overlap the tensor-parallel all-gathers/reduce-scatters with the GEMMs through "
+        "Transformer Engine's userbuffers (needs a CUDA GPU, TE, --sequence-parallel and "
+        "CUDA_DEVICE_MAX_CONNECTIONS=1)", group="performance")
+    manual_gc_interval: int = _f(
+        0, "turn Python's automatic garbage collection off and collect every N steps, on every "
+        "rank at the same step, so no rank stalls alone in a collection while the others wait "
+        "for it in a collective (0: automatic collection)", nonneg=True, group="performance")
     seed: int = _f(1234, "random seed (init, data order)", nonneg=True)
     max_skipped_steps: int = _f(5, "halt after this many steps in a row with NaN/Inf loss or "
                                 "gradients (each is skipped)", positive=True)
@@ -236,6 +260,15 @@ class TrainConfig(ModelFlags):
         if self.eval_interval and self.eval_iters and split[1] == 0:
             raise ConfigError(f"--eval-interval {self.eval_interval} needs a validation share in --split "
                               f"(got {self.split!r})")
+        if self.tp_comm_overlap and not (self.sequence_parallel and self.tensor_model_parallel_size > 1):
+            raise ConfigError(
+                "--tp-comm-overlap needs --sequence-parallel with --tensor-model-parallel-size > 1 "
+                f"(got --tensor-model-parallel-size {self.tensor_model_parallel_size}"
+                + ("" if self.sequence_parallel else ", no --sequence-parallel") + ")")
+        if self.recompute_granularity != "full":
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{flag(name)} {getattr(self, name)} needs --recompute-granularity full")
         if self.save_interval and not self.save:
             raise ConfigError("--save-interval needs --save DIR")
         if world_size is not None:
@@ -249,6 +282,31 @@ class TrainConfig(ModelFlags):
         if self.pipeline_model_parallel_size > 1:
             return self.virtual_pipeline_model_parallel_size
         return None
+
+    def recompute_fields(self, num_layers: int) -> dict:
+        """megatron-core's recompute fields for these flags. Full: uniform (default) checkpoints
+        the layers of each model chunk in units of --recompute-num-layers (default 1: every
+        layer keeps only its input), which must divide the chunk's layers (megatron-core's
+        uniform loop would index past the chunk); block checkpoints the first N layers of each
+        chunk (default: all). Selective: megatron-core's default module, the core attention,
+        which both specs recompute (the local spec's scores and softmax, TE's fused kernel)."""
+        if self.recompute_granularity is None:
+            return {}
+        if self.recompute_granularity == "selective":
+            return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+        method = self.recompute_method or "uniform"
+        chunks = self.pipeline_model_parallel_size * (self.virtual_pipeline_size() or 1)
+        per_chunk = max(1, num_layers // chunks)
+        layers = self.recompute_num_layers or (1 if method == "uniform" else per_chunk)
+        if layers > per_chunk:
+            raise ConfigError(
+                f"--recompute-num-layers {layers} is more than the {per_chunk} layers of a model chunk "
+                f"(--num-layers {num_layers} / {chunks} pipeline chunks)")
+        if method == "uniform" and per_chunk % layers:
+            raise ConfigError(
+                f"--recompute-num-layers {layers} does not divide the {per_chunk} layers of a model chunk "
+                f"(--recompute-method uniform; --num-layers {num_layers} / {chunks} pipeline chunks)")
+        return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=layers)
 
     def wsd_decay_iters(self) -> Optional[int]:
         """Steps of the WSD decay phase (None when not set)."""
@@ -324,6 +382,12 @@ class TrainConfig(ModelFlags):
             raise ConfigError(
                 f"--num-attention-heads {config.num_attention_heads} is not divisible by "
                 f"--tensor-model-parallel-size {tp}")
+        recompute = self.recompute_fields(config.num_layers)
+        if recompute:
+            try:
+                config = config.replace(**recompute)
+            except (AssertionError, ValueError) as error:  # TransformerConfig's own checks
+                raise ConfigError(f"--recompute-granularity {self.recompute_granularity}: {error}") from None
         return config
 
     def to_dict(self) -> dict:

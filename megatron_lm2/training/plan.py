@@ -56,6 +56,7 @@ class Plan:
     gpu_memory_gib: Optional[float]
     flops_per_token: float
     seconds_per_step_at_40_mfu: Optional[float]
+    recompute: str = ""  # "" (none), "selective", or "full uniform 1" (method, layers)
 
 
 def stage_parameters(config: LM2Config, tp: int, pp: int) -> int:
@@ -81,8 +82,8 @@ def stage_parameters(config: LM2Config, tp: int, pp: int) -> int:
 def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_attention: bool,
                      bytes_per_value: int = 2, fused_kernels: bool | None = None) -> float:
     """Activations kept for backward on the first pipeline stage under 1F1B (it holds pp
-    micro-batches of L/pp layers, i.e. L layers' worth), no recomputation. In units of
-    u = s*b*h*bytes_per_value (f = ffn/h, t = tp), per Llama block:
+    micro-batches of L/pp layers, i.e. L layers' worth). In units of u = s*b*h*bytes_per_value
+    (f = ffn/h, t = tp), per Llama block:
 
       norms 4u (inputs and outputs); attention: q, k before RoPE 2u (unless fused RoPE), the
       core's q, k, v 3u/t (flash: q plus GQA-sized k, v) and its output u/t; scores
@@ -98,22 +99,61 @@ def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_at
     Plus fp32 logits for the loss. (PyTorch's CPU SDPA returns the attention write's content as
     [B, h, N, d_h], so its reshape to the bank's layout is one more copy per written chunk, bNh/t,
     not counted here: about 1 % at the test's shape.)
+
+    Activation recompute, as the config's megatron-core fields ask (lm2-train
+    --recompute-granularity): selective recomputes the core attention, so no layer keeps its
+    scores (or flash attention's log-sum-exps; q, k, v are the checkpoint's inputs and the
+    output the projection's, kept either way). Full keeps of each recomputed unit only its input
+    u, the L layers split into pp x vpp model chunks of consecutive layers: uniform makes units
+    of recompute_num_layers layers, block makes the first recompute_num_layers layers of each
+    chunk units of one (the rest keep everything); backward then rebuilds one unit at a time,
+    so the largest unit's activations are added once.
     tests/test_activation_memory.py checks this against saved-tensor hooks on CPU (fp32,
     local spec, no fused kernels); `fused_kernels` (default: = flash_attention, the GPU
     setting) selects fused RoPE and SwiGLU."""
+    layers = layer_activation_bytes(config, micro_batch_size, tp, flash_attention, bytes_per_value,
+                                    fused_kernels)
+    s, b, h = config.seq_length, micro_batch_size, config.hidden_size
+    u = s * b * h * bytes_per_value
+    if config.recompute_granularity == "full":
+        chunks = config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
+        per_chunk = len(layers) // chunks
+        n = config.recompute_num_layers
+        units = []  # the layer indices of each recomputed unit
+        for first in range(0, len(layers), per_chunk):
+            if config.recompute_method == "uniform":
+                units += [range(i, min(i + n, first + per_chunk)) for i in range(first, first + per_chunk, n)]
+            else:  # block
+                units += [range(i, i + 1) for i in range(first, first + min(n, per_chunk))]
+        recomputed = {i for unit in units for i in unit}
+        kept = sum(cost for i, cost in enumerate(layers) if i not in recomputed) + len(units) * u
+        total = kept + max((sum(layers[i] for i in unit) for unit in units), default=0)
+    else:
+        total = sum(layers)
+    total += 4 * s * b * config.vocab_size / tp + 2 * u  # fp32 logits for the loss, final norm
+    return total
+
+
+def layer_activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_attention: bool,
+                           bytes_per_value: int = 2, fused_kernels: bool | None = None) -> list:
+    """What each transformer layer keeps for backward (activation_bytes' per-layer terms, with
+    selective recompute's saving; full recompute is activation_bytes' own)."""
     fused = flash_attention if fused_kernels is None else fused_kernels
     s, b, h, a = config.seq_length, micro_batch_size, config.hidden_size, config.num_attention_heads
     p = bytes_per_value
     u = s * b * h * p
     f = config.ffn_hidden_size / h
     groups = config.num_query_groups or a
+    selective = config.recompute_granularity == "selective"
     block = 4 * u + (0 if fused else 2 * u)
     if flash_attention:
-        block += (1 + 2 * groups / a) * u / tp + u / tp + 4 * a * s * b / tp  # q, k, v, out, lse
+        block += (1 + 2 * groups / a) * u / tp + u / tp  # q, k, v, out
+        block += 0 if selective else 4 * a * s * b / tp  # lse
     else:
-        block += 3 * u / tp + u / tp + a * s * s * b * max(p, 4) / tp + s * s  # scores in fp32, mask
+        block += 3 * u / tp + u / tp + s * s  # q, k, v, out, mask
+        block += 0 if selective else a * s * s * b * max(p, 4) / tp  # scores in fp32
     block += (3 if fused else 5) * f * u / tp
-    total = config.num_layers * block
+    memory = 0.0
     if config.has_memory:
         n, hm = config.memory_slots, config.memory_heads
         chunks = config.num_memory_chunks
@@ -131,9 +171,8 @@ def activation_bytes(config: LM2Config, micro_batch_size: int, tp: int, flash_at
             memory += (2 * u + n * h * p + (chunks - 1) * bank) / tp
             if config.memory_write == "attention":
                 memory += u / tp * written / chunks
-        total += len(config.memory_layer_numbers) * memory
-    total += 4 * s * b * config.vocab_size / tp + 2 * u  # fp32 logits for the loss, final norm
-    return total
+    with_memory = set(config.memory_layer_numbers) if config.has_memory else set()
+    return [block + (memory if number in with_memory else 0.0) for number in range(1, config.num_layers + 1)]
 
 
 def make_plan(train: TrainConfig) -> Plan:
@@ -165,6 +204,8 @@ def make_plan(train: TrainConfig) -> Plan:
         optimizer_gib=per_gpu * optimizer_bytes / gib, activations_gib=activations / gib,
         total_gib=total, gpu_memory_gib=gpu_memory, flops_per_token=fpt,
         seconds_per_step_at_40_mfu=(tokens * fpt / (world * peak * 1e12 * 0.4)) if peak else None,
+        recompute=" ".join(str(v) for v in (config.recompute_granularity, config.recompute_method,
+                                            config.recompute_num_layers) if v is not None),
     )
 
 
@@ -209,7 +250,9 @@ def format_plan(plan: Plan, train: TrainConfig, command: str) -> str:
         f"({plan.parameters_memory / 1e9:.3f}B memory) | {plan.parameters_per_gpu / 1e6:.1f}M per GPU "
         f"(fullest stage, one TP shard) | {plan.flops_per_token / 1e9:.2f} GFLOP/token (train)",
         f"memory/GPU  weights {plan.weights_gib:.2f} + grads {plan.grads_gib:.2f} + optimizer "
-        f"{plan.optimizer_gib:.2f} + activations ~{plan.activations_gib:.2f} = ~{plan.total_gib:.1f} GiB{fits}",
+        f"{plan.optimizer_gib:.2f} + activations ~{plan.activations_gib:.2f}"
+        + (f" (recompute {plan.recompute})" if plan.recompute else "")
+        + f" = ~{plan.total_gib:.1f} GiB{fits}",
     ]
     if plan.seconds_per_step_at_40_mfu:
         lines.append(f"speed       ~{plan.seconds_per_step_at_40_mfu:.2f} s/step at 40% MFU")

@@ -25,6 +25,7 @@ depends on nothing but weights, optimizer state and its batch, and resuming need
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import time
@@ -376,6 +377,11 @@ class Trainer:
         start_step = self.step
         run_start = time.perf_counter()
         saved_step = self.step if self.resumed_from else None
+        gc_was_enabled = gc.isenabled()
+        if train.manual_gc_interval:
+            # --manual-gc-interval: every rank collects at the same steps (below), none on its own.
+            gc.disable()
+            gc.collect()
         try:
             while self.step < train.train_iters:
                 started = time.perf_counter()
@@ -388,6 +394,8 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 self.step += 1
                 self.consumed_samples += train.global_batch_size
+                if train.manual_gc_interval and self.step % train.manual_gc_interval == 0:
+                    gc.collect()  # after the step's timing: the log shows step time, not GC
                 interval_time += elapsed
                 interval_steps += 1
                 record = dict(step=self.step, loss=result["loss"], grad_norm=result["grad_norm"],
@@ -419,6 +427,8 @@ class Trainer:
             if train.save and saved_step != self.step:
                 self.save()
         finally:
+            if train.manual_gc_interval and gc_was_enabled:
+                gc.enable()
             self.signals.restore()
             if self.writer is not None:
                 self.writer.close()
