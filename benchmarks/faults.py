@@ -156,16 +156,11 @@ def _resume(directory: str, expect: Optional[str], *extra: str) -> Outcome:
 
 
 def _bare_shard(directory: str, ids_of_docs, dtype="uint16") -> str:
-    import numpy as np
-
-    from megatron_lm2.preprocess.shards import ShardWriter
+    from megatron_lm2.preprocess.shards import write_shard
 
     os.makedirs(directory, exist_ok=True)
     prefix = os.path.join(directory, "bare")
-    writer = ShardWriter(prefix + ".bin", dtype)
-    for doc in ids_of_docs:
-        writer.add(np.asarray(doc), np.asarray([len(doc)]))
-    writer.finalize(prefix + ".idx")
+    write_shard(prefix, ids_of_docs, dtype)
     return prefix
 
 

@@ -149,16 +149,11 @@ def test_an_idx_rewritten_in_place_is_refused_by_its_manifest_digest(sixteen, tm
 
 def _bare_shard(directory, documents, dtype="uint16"):
     """A shard as Megatron-LM's own tool leaves it: .bin/.idx, no manifest anywhere above."""
-    import numpy as np
-
-    from megatron_lm2.preprocess.shards import ShardWriter
+    from megatron_lm2.preprocess.shards import write_shard
 
     os.makedirs(directory, exist_ok=True)
     prefix = os.path.join(directory, "bare")
-    writer = ShardWriter(prefix + ".bin", dtype)
-    for doc in documents:
-        writer.add(np.asarray(doc), np.asarray([len(doc)]))
-    writer.finalize(prefix + ".idx")
+    write_shard(prefix, documents, dtype)
     return prefix
 
 

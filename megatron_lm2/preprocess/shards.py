@@ -138,6 +138,15 @@ class ShardWriter:
                 "idx_sha256": digest.hexdigest()}
 
 
+def write_shard(prefix: str, documents, dtype=np.uint16) -> dict:
+    """PREFIX.bin/.idx from token-id lists, one document each, as Megatron-LM's own tool would
+    leave them (no manifest): for tests, benchmarks and hand-made data. Returns the facts."""
+    writer = ShardWriter(prefix + ".bin", dtype)
+    for doc in documents:
+        writer.add(np.asarray(doc), np.asarray([len(doc)]))
+    return writer.finalize(prefix + ".idx")
+
+
 class FileSharder:
     """Receives one file's EncodedBatches in row order and writes its shards."""
 

@@ -56,7 +56,7 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
-def _world() -> tuple:
+def rank_world() -> tuple:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -83,7 +83,7 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def _gather(part: dict) -> dict:
+def gather_merged(part: dict) -> dict:
     """Every rank's share merged (collective when distributed)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return part
@@ -97,18 +97,18 @@ def _gather(part: dict) -> dict:
 
 def digest_files(directory: str) -> Dict[str, dict]:
     """{relative name: {bytes, sha256}} of every file in `directory` (collective)."""
-    rank, world = _world()
+    rank, world = rank_world()
     names = _files(directory)
     mine = {name: {"bytes": os.path.getsize(os.path.join(directory, name)),
                    ALGORITHM: file_digest(os.path.join(directory, name))}
             for name in names[rank::world]}
-    return _gather(mine)
+    return gather_merged(mine)
 
 
 def write_record(directory: str, step: int, known_good: bool, reason: str) -> None:
     """Hash the checkpoint's files (collective) and write lm2_integrity.json (rank 0)."""
     files = digest_files(directory)
-    if _world()[0] == 0:
+    if rank_world()[0] == 0:
         record = dict(format=1, step=step, known_good=bool(known_good), reason=reason,
                       algorithm=ALGORITHM, files=files)
         _write_record(directory, record)
@@ -180,12 +180,12 @@ def verify(directory: str, allow_unverified: bool = False) -> Optional[str]:
     record = read_record(directory)
     if record is None:
         return None if allow_unverified else missing_record(directory)
-    rank, world = _world()
+    rank, world = rank_world()
     names = sorted(record["files"])
     problems = {}
     for name in names[rank::world]:
         problem = _check_one(directory, name, record["files"][name])
         if problem:
             problems[name] = problem
-    problems = _gather(problems)
+    problems = gather_merged(problems)
     return problems[min(problems)] if problems else None

@@ -30,31 +30,14 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
-import torch.distributed as dist
 
 from megatron_lm2.config import ConfigError
 from megatron_lm2.fileio import write_json_atomic
+from megatron_lm2.training.integrity import file_digest, gather_merged, rank_world  # sha256; the ranks' shares
 
 SCAN_CACHE = "shard_scan.json"
 _SLICE = 64 << 20
 _SHOW_PROGRESS_FROM = 256 << 20  # a scan that takes under a second or so shows no bar
-
-
-def _world() -> tuple:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(part: dict) -> dict:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return part
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    merged = {}
-    for item in parts:
-        merged.update(item)
-    return merged
 
 
 def manifest_shards(manifest: Optional[str]) -> Dict[str, dict]:
@@ -68,14 +51,6 @@ def manifest_shards(manifest: Optional[str]) -> Dict[str, dict]:
         raise ConfigError(f"{manifest}: unreadable manifest ({error})") from None
     base = os.path.dirname(os.path.abspath(manifest))
     return {os.path.normpath(os.path.join(base, s["prefix"])): s for s in shards if "prefix" in s}
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_index(path: str):
@@ -159,7 +134,7 @@ def _check_one(prefix: str, record: Optional[dict], cached: Optional[dict], voca
         return {"problem": f"data index {prefix}.idx: its document lengths add up to {tokens} tokens "
                            f"({tokens * index.dtype_size} bytes), but {prefix}.bin holds {actual} bytes: "
                            f"a damaged index; re-run lm2-preprocess"}
-    digest = _file_sha256(prefix + ".idx")
+    digest = file_digest(prefix + ".idx")
     scanned = 0
     if record is not None and "idx_sha256" in record and "max_id" in record:
         if digest != record["idx_sha256"]:
@@ -192,7 +167,7 @@ def check_shards(prefixes: List[str], vocab_size: int, manifest: Optional[str] =
     """Check every shard (collective when distributed); returns {'digest', 'scanned_bytes',
     'seconds', 'by_source'}; raises ConfigError (one line, the same on every rank)."""
     started = time.perf_counter()
-    rank, world = _world()
+    rank, world = rank_world()
     records = manifest_shards(manifest)
     cache_path = os.path.join(cache_dir, SCAN_CACHE) if cache_dir else None
     cache = {}
@@ -218,7 +193,7 @@ def check_shards(prefixes: List[str], vocab_size: int, manifest: Optional[str] =
     finally:
         if progress is not None:
             progress.close()
-    results = _gather(results)
+    results = gather_merged(results)
     ordered = [os.path.normpath(os.path.abspath(p)) for p in prefixes]
     found = {p: r["facts"] for p, r in results.items() if "facts" in r}
     if cache_path and rank == 0 and any(f["source"] == "scan" for f in found.values()):
