@@ -177,8 +177,16 @@ def _kernel(fn):
     return _FUSED[fn]
 
 
+def _use_kernel(tensor: Tensor) -> bool:
+    return tensor.is_cuda
+
+
 def _run(fn, *tensors):
-    return (_kernel(fn) if tensors[0].is_cuda else fn)(*tensors)
+    """fn through the compiled kernel on CUDA, eagerly elsewhere. Every caller that recomputes
+    a forward value (the released activations) goes through here too: the compiled kernel and
+    eager PyTorch may round differently in bf16, and a refilled tensor must be bit-identical to
+    the one the forward made."""
+    return (_kernel(fn) if _use_kernel(tensors[0]) else fn)(*tensors)
 
 
 class _WriteUpdate(torch.autograd.Function):
@@ -512,7 +520,7 @@ class LM2Memory(MegatronModule):
                 dtype = hidden_states.dtype
                 released.append((initial_kv, lambda: self._initial_kv(dtype)))
             if read_bank is not bank:
-                recompute_bank = functools.partial(_write_update, *update)
+                recompute_bank = functools.partial(_run, _write_update, *update)
 
         def gather_reads(*chunks):
             return torch.cat(chunks, dim=0)[num_held:].reshape(-1, batch, self.local_hidden)
@@ -532,7 +540,7 @@ class LM2Memory(MegatronModule):
             self.pending_tokens = hidden_states[seq_len - partial :] if partial else None
         if releasing and output.requires_grad:
             released.append((e_mem, lambda: gather_reads(*reads)))
-            released.append((gated, lambda: _out_gate(gate_logits, e_mem)))
+            released.append((gated, lambda: _run(_out_gate, gate_logits, e_mem)))
             self._release_until_backward(output, released)
         return output, bias
 

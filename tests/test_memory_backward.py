@@ -202,3 +202,40 @@ def test_inside_torch_checkpoint_gradients_are_unchanged():
         out = torch.utils.checkpoint.checkpoint(lambda t: module(t)[0], tokens, use_reentrant=False)
         (checkpointed,) = torch.autograd.grad(out.square().sum(), tokens)
     assert torch.equal(plain, checkpointed)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"memory_write": "token", "memory_slots": 8}],
+                         ids=["attention-write", "token-write"])
+def test_refilled_activations_equal_the_forwards_under_a_compiled_kernel(monkeypatch, overrides):
+    """On a GPU the forward's gating runs through jit_fuser's compiled kernels, which may round
+    differently from eager PyTorch in bf16. The released activations must be recomputed through
+    the same path, bit for bit. A stand-in "compiled kernel" that differs from eager (scaled by
+    1 + 2^-10) shows it on CPU: every refilled tensor equals the one the forward made (with the
+    eager recompute the bank and the gated read differed)."""
+    import megatron_lm2.memory as memory
+
+    monkeypatch.setattr(memory, "_use_kernel", lambda tensor: True)
+    def compiled(fn):
+        def run(*tensors):
+            result = fn(*tensors)
+            if isinstance(result, tuple):
+                return tuple(r * (1 + 2.0 ** -10) for r in result)
+            return result * (1 + 2.0 ** -10)
+        return run
+
+    monkeypatch.setattr(memory, "_kernel", compiled)
+    seen = []
+    original = LM2Memory._release_until_backward
+
+    def recording(output, released):
+        seen.extend((tensor, tensor.detach().clone()) for tensor, _ in released)
+        original(output, released)
+
+    monkeypatch.setattr(LM2Memory, "_release_until_backward", staticmethod(recording))
+    _, module = _memory(**overrides)
+    tokens = torch.randn(40, 2, D, dtype=torch.float64, requires_grad=True)
+    out, _ = module(tokens)
+    assert len(seen) >= 3  # banks of chunks 1.., the read, the gated read
+    out.square().sum().backward()
+    for k, (tensor, before) in enumerate(seen):
+        assert torch.equal(tensor.detach(), before), (k, (tensor - before).abs().max().item())
