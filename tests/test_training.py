@@ -178,6 +178,26 @@ def test_fp8_needs_a_gpu_with_transformer_engine():
         transformer_backend(config)
 
 
+def test_fp8_amax_flags_reach_the_model_config(capsys):
+    """--fp8-amax-history-len / --fp8-amax-compute-algo (issue 34): TE's delayed-scaling defaults
+    (1024, max) unless given, on megatron-core's TransformerConfig fields; only with --fp8-format."""
+    from megatron_lm2.training.config import parse_args
+
+    fp8 = COMMON + ["--bf16", "--fp8-format", "hybrid"]
+    default = parse_args(fp8, world_size=1).model_config()
+    assert (default.fp8_amax_history_len, default.fp8_amax_compute_algo) == (1024, "max")
+    given = parse_args(fp8 + ["--fp8-amax-history-len", "16", "--fp8-amax-compute-algo", "most_recent"],
+                       world_size=1).model_config()
+    assert (given.fp8, given.fp8_amax_history_len, given.fp8_amax_compute_algo) == ("hybrid", 16, "most_recent")
+    for extra in (["--fp8-amax-history-len", "16"], ["--fp8-amax-compute-algo", "max"]):
+        with pytest.raises(SystemExit):
+            parse_args(COMMON + extra, world_size=1)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{extra[0]} {extra[1]} needs --fp8-format" in error
+    with pytest.raises(SystemExit):
+        parse_args(fp8 + ["--fp8-amax-compute-algo", "mean"], world_size=1)
+
+
 # ----------------------------------------------------------------------------------- data
 EOD = 1
 
