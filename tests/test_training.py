@@ -198,6 +198,60 @@ def test_fp8_amax_flags_reach_the_model_config(capsys):
         parse_args(fp8 + ["--fp8-amax-compute-algo", "mean"], world_size=1)
 
 
+PROFILE_RUN = ["--flavor", "debug", "--mock-data", "--num-layers", "1", "--seq-length", "32",
+               "--memory-chunk-size", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
+               "--train-iters", "4",
+               "--lr-warmup-iters", "1", "--log-interval", "2"]
+
+
+def _profiled_run(argv):
+    import torch.distributed as dist
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(argv, world_size=dist.get_world_size()))
+    trainer.run()
+    return trainer.profiler.path
+
+
+def test_profile_steps_write_a_chrome_trace(tmp_path):
+    """--profile-steps 2:4 (issue 34): steps 2 and 3 profiled on rank 0, one Chrome trace JSON."""
+    out = tmp_path / "profile"
+    path = run_distributed(_profiled_run, 1, PROFILE_RUN + ["--profile-steps", "2:4", "--profile-dir", str(out)])[0]
+    assert path == str(out / "trace_rank0_steps2-3.json") and os.listdir(out) == ["trace_rank0_steps2-3.json"]
+    with open(path) as handle:
+        trace = json.load(handle)
+    assert len(trace["traceEvents"]) >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile-steps", "3:2"], "--profile-steps '3:2': needs 1 <= A < B"),
+    (["--profile-steps", "x"], "--profile-steps 'x': expected A:B"),
+    (["--profile-steps", "0:2"], "--profile-steps '0:2': needs 1 <= A < B"),
+    (["--profile-steps", "1:2", "--profile-ranks", "0,a"], "--profile-ranks '0,a'"),
+    (["--profile-steps", "1:2", "--profile-ranks", "0,1"], "--profile-ranks 0,1: rank 1 is not in a world of 1"),
+    (["--profile-dir", "d"], "--profile-dir needs --profile-steps"),
+])
+def test_bad_profile_flags_are_one_line_errors(argv, message, capsys):
+    from megatron_lm2.training.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(PROFILE_RUN + argv, world_size=1)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error, error
+
+
+def test_profile_dir_defaults_under_save():
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.profiling import profile_dir
+
+    assert profile_dir(parse_args(PROFILE_RUN + ["--profile-steps", "1:2", "--save", "ck"], world_size=1)) \
+        == os.path.join("ck", "profile")
+    assert profile_dir(parse_args(PROFILE_RUN + ["--profile-steps", "1:2"], world_size=1)) \
+        == os.path.join("runs", "profile")
+
+
 # ----------------------------------------------------------------------------------- data
 EOD = 1
 

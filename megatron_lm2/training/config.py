@@ -208,6 +208,13 @@ class TrainConfig(ModelFlags):
     wandb_run_name: Optional[str] = _f(None, "W&B run name", group="logging")
     metrics_file: Optional[str] = _f(None, "append one JSON line per log interval here "
                                      "(default: <save>/metrics.jsonl)", group="logging")
+    profile_steps: Optional[str] = _f(
+        None, "A:B: torch.profiler over steps A .. B-1 (CPU, and CUDA on GPUs), written as a Chrome "
+        "trace JSON into --profile-dir", group="logging")
+    profile_ranks: Optional[str] = _f(None, "--profile-steps: the ranks to profile, comma-separated "
+                                      "(default 0)", group="logging")
+    profile_dir: Optional[str] = _f(None, "--profile-steps: where the traces go (default "
+                                    "<save>/profile, or runs/profile without --save)", group="logging")
 
     # ---- dry run (megatron_lm2.training.plan)
     dry_run: bool = _f(False, "print the layout and launch command for --nodes x --gpus-per-node and "
@@ -283,6 +290,18 @@ class TrainConfig(ModelFlags):
             for name in ("recompute_method", "recompute_num_layers"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"{flag(name)} {getattr(self, name)} needs --recompute-granularity full")
+        if self.profile_steps is not None:
+            from megatron_lm2.training.profiling import parse_ranks, parse_steps
+
+            parse_steps(self.profile_steps)
+            if self.profile_ranks is not None:
+                ranks = parse_ranks(self.profile_ranks)
+                if world_size is not None and ranks[-1] >= world_size:
+                    raise ConfigError(f"--profile-ranks {self.profile_ranks}: rank {ranks[-1]} is not in "
+                                      f"a world of {world_size}")
+        elif self.profile_ranks is not None or self.profile_dir is not None:
+            raise ConfigError(("--profile-ranks" if self.profile_ranks is not None else "--profile-dir")
+                              + " needs --profile-steps A:B")
         if self.save_interval and not self.save:
             raise ConfigError("--save-interval needs --save DIR")
         if world_size is not None:

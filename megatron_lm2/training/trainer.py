@@ -45,6 +45,7 @@ from megatron_lm2.config import ConfigError, LM2Config
 from megatron_lm2.logs import get_logger, setup_logging
 from megatron_lm2.memory_state import gate_stats, record_gate_stats
 from megatron_lm2.training import checkpoint, data, metrics
+from megatron_lm2.training.profiling import StepProfiler
 from megatron_lm2.training.build import (
     build_model_chunks,
     build_optimizer,
@@ -125,6 +126,7 @@ class Trainer:
                                                 resumed_at=self.step if self.resumed_from else None)
         self.signals = ExitSignal(enabled=not train.no_save_on_signal)
         self.history: List[dict] = []  # per-step records (tests and plots read them)
+        self.profiler = StepProfiler(train, self.rank)  # --profile-steps
 
     # ------------------------------------------------------------------------ set-up
     def _iterators(self, dataset, consumed: int):
@@ -387,11 +389,13 @@ class Trainer:
                 started = time.perf_counter()
                 logged = (self.step + 1) % train.log_interval == 0 or self.step + 1 == train.train_iters
                 # Gate statistics cost a reduction per gate: only on the steps the log shows.
+                self.profiler.before_step(self.step + 1)
                 with record_gate_stats(self.model_chunks) if logged else contextlib.nullcontext():
                     result = self.train_step()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
+                self.profiler.after_step(self.step + 1)  # after the timing: writing is not the step
                 self.step += 1
                 self.consumed_samples += train.global_batch_size
                 if train.manual_gc_interval and self.step % train.manual_gc_interval == 0:
@@ -430,6 +434,7 @@ class Trainer:
             if train.manual_gc_interval and gc_was_enabled:
                 gc.enable()
             self.signals.restore()
+            self.profiler.close()  # a run stopped inside the window still writes its trace
             if self.writer is not None:
                 self.writer.close()
             self.close()
