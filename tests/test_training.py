@@ -252,6 +252,39 @@ def test_profile_dir_defaults_under_save():
         == os.path.join("runs", "profile")
 
 
+def _straggler_run(argv):
+    import torch.distributed as dist
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    Trainer(parse_args(argv, world_size=dist.get_world_size())).run()
+
+
+def test_straggler_report_in_the_metrics_records(tmp_path):
+    """Every log interval the ranks' step times are gathered (issue 34): records carry
+    step_time_max / step_time_min / slowest_rank."""
+    metrics_file = tmp_path / "metrics.jsonl"
+    argv = [a for a in PROFILE_RUN]
+    argv[argv.index("--micro-batch-size") + 1] = "1"
+    run_distributed(_straggler_run, 2, argv + ["--metrics-file", str(metrics_file)])
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    for record in train:
+        assert record["slowest_rank"] in {0, 1}
+        assert 0 < record["step_time_min"] <= record["step_time_max"]
+        assert record["step_time_min"] <= record["step_time"] <= record["step_time_max"]  # rank 0 own
+
+
+def test_straggler_stats_and_line():
+    from megatron_lm2.training.metrics import straggler_stats, straggler_text
+
+    stats = straggler_stats([1.0, 3.0, 1.5, 1.2])
+    assert (stats["step_time_max"], stats["step_time_min"], stats["slowest_rank"]) == (3.0, 1.0, 1)
+    assert straggler_text(stats) == "slowest rank 1 3.00 s (2.22 of the median)"
+
+
 # ----------------------------------------------------------------------------------- data
 EOD = 1
 

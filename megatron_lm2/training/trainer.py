@@ -489,17 +489,21 @@ class Trainer:
     def _log_interval(self, record, seconds, steps, run_start, start_step) -> None:
         tokens = steps * self.train_config.global_batch_size * self.seq_length
         rates = metrics.throughput(tokens, seconds, self.world_size, self.flops_per_token, self.peak)
+        # One gather for the gate statistics and each rank's step time (the straggler report).
         per_rank = [None] * self.world_size
-        dist.all_gather_object(per_rank, gate_stats(self.model_chunks))
-        gates = metrics.gate_groups(metrics.merge_gate_stats(per_rank))
+        dist.all_gather_object(per_rank, (gate_stats(self.model_chunks), seconds / steps))
+        gates = metrics.gate_groups(metrics.merge_gate_stats([stats for stats, _ in per_rank]))
+        stragglers = metrics.straggler_stats([step_time for _, step_time in per_rank])
         done = self.step - start_step
         eta = (time.perf_counter() - run_start) / max(done, 1) * (self.train_config.train_iters - self.step)
         full = dict(record, train_iters=self.train_config.train_iters, skipped_steps=self.skipped_steps,
                     consumed_samples=self.consumed_samples, step_time=seconds / steps,
-                    memory_gates=gates, **rates)
+                    memory_gates=gates, **rates,
+                    **{k: v for k, v in stragglers.items() if k != "step_time_median"})
         full.pop("skipped")
         if self.rank == 0:
-            log.info(metrics.format_line(full) + f" | eta {_duration(eta)}")
+            straggler = f" | {metrics.straggler_text(stragglers)}" if self.world_size > 1 else ""
+            log.info(metrics.format_line(full) + straggler + f" | eta {_duration(eta)}")
             self.writer.write(full)
 
     def _log_eval(self) -> None:
