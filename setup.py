@@ -33,7 +33,8 @@ setup(
         "protobuf",  # transformers 4.x converts the exported SentencePiece tokenizer with it
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        # transformer-engine: the releases megatron-core 0.16.1 supports (compat.TRANSFORMER_ENGINE_RANGE)
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "mpich"],
         "hf": ["transformers>=4.46", "accelerate"],  # accelerate: device_map / big-model loading
         "wandb": ["wandb"],

@@ -50,6 +50,50 @@ def check_megatron_core_version(version: str | None = None) -> str:
     return version
 
 
+# Transformer Engine releases megatron-core 0.16.1 is written against (its TE extension's
+# version gates); setup.py's gpu extra requires the same range (tests/test_compat.py).
+TRANSFORMER_ENGINE_RANGE = ("2.9", "2.12")
+
+
+def transformer_engine_version_problem(version: str) -> str | None:
+    """None when this Transformer Engine release is in TRANSFORMER_ENGINE_RANGE, else the one
+    line to warn with. Release numbers only: a 2.12 dev or local build counts as 2.12."""
+    from packaging.version import InvalidVersion, Version
+
+    low, high = TRANSFORMER_ENGINE_RANGE
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        release = None
+    if release is not None and Version(low).release <= release < Version(high).release:
+        return None
+    return (f"transformer-engine {version} is outside the range megatron-core 0.16.1 supports "
+            f"(>={low},<{high}); FP8 and the TE layers may fail or differ: install "
+            f"'transformer-engine[pytorch]>={low},<{high}'")
+
+
+def warn_if_unsupported_transformer_engine() -> str | None:
+    """Logs one warning line when the installed Transformer Engine is outside the supported
+    range (it is not refused: a newer TE often works); returns the line, or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        import transformer_engine
+
+        installed = getattr(transformer_engine, "__version__", None)
+        if installed is None:
+            try:
+                installed = version("transformer-engine")
+            except PackageNotFoundError:
+                return None
+    except Exception:  # noqa: BLE001 - the import failure is reported where TE is needed
+        return None
+    problem = transformer_engine_version_problem(str(installed))
+    if problem:
+        logging.getLogger("megatron_lm2").warning(problem)
+    return problem
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

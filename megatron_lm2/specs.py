@@ -54,9 +54,12 @@ def te_available() -> bool:
     is not retried."""
     try:
         _te_modules()
-        return True
     except RuntimeError:
         return False
+    from megatron_lm2.compat import warn_if_unsupported_transformer_engine
+
+    warn_if_unsupported_transformer_engine()  # once per process (cached), not refused
+    return True
 
 
 def _memory_spec(column, row) -> ModuleSpec:

@@ -3,6 +3,7 @@ with it: setup.py's requirement and constraints.txt (the versions CI last passed
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -69,3 +70,43 @@ def test_oldest_transformers_pin_is_setup_pys_lower_bound():
     pinned = re.search(r"^transformers==([0-9.]+)$", (ROOT / "tests/transformers-oldest.txt").read_text(), re.M)
     assert pinned, "tests/transformers-oldest.txt pins no transformers"
     assert Version(pinned.group(1)).release[:2] == Version(floor).release[:2]
+
+
+# ------------------------------------------------------------- Transformer Engine (issue 34)
+@pytest.mark.parametrize("version", ["2.9.0", "2.10.0+cu12", "2.11.0", "2.11.0.dev0+abc"])
+def test_transformer_engine_inside_the_range_is_quiet(version):
+    from megatron_lm2.compat import transformer_engine_version_problem
+
+    assert transformer_engine_version_problem(version) is None
+
+
+@pytest.mark.parametrize("version", ["2.8.0", "1.13.0", "2.12.0", "2.12.0.dev0", "3.0", "not-a-version"])
+def test_transformer_engine_outside_the_range_is_one_warning_line(version):
+    from megatron_lm2.compat import TRANSFORMER_ENGINE_RANGE, transformer_engine_version_problem
+
+    problem = transformer_engine_version_problem(version)
+    low, high = TRANSFORMER_ENGINE_RANGE
+    assert problem and "\n" not in problem and version in problem and f">={low},<{high}" in problem
+
+
+def test_an_unsupported_installed_transformer_engine_is_warned_not_refused(monkeypatch, caplog):
+    import sys
+    import types
+
+    from megatron_lm2.compat import warn_if_unsupported_transformer_engine
+
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.SimpleNamespace(__version__="2.13.0"))
+    monkeypatch.setattr(logging.getLogger("megatron_lm2"), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="megatron_lm2"):
+        problem = warn_if_unsupported_transformer_engine()
+    assert problem and "2.13.0" in problem
+    assert [r.getMessage() for r in caplog.records if r.name == "megatron_lm2"] == [problem]
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.SimpleNamespace(__version__="2.10.0"))
+    assert warn_if_unsupported_transformer_engine() is None
+
+
+def test_setup_py_gpu_extra_requires_the_transformer_engine_range():
+    from megatron_lm2.compat import TRANSFORMER_ENGINE_RANGE
+
+    low, high = TRANSFORMER_ENGINE_RANGE
+    assert f'"transformer-engine[pytorch]>={low},<{high}"' in (ROOT / "setup.py").read_text()

@@ -178,6 +178,113 @@ def test_fp8_needs_a_gpu_with_transformer_engine():
         transformer_backend(config)
 
 
+def test_fp8_amax_flags_reach_the_model_config(capsys):
+    """--fp8-amax-history-len / --fp8-amax-compute-algo (issue 34): TE's delayed-scaling defaults
+    (1024, max) unless given, on megatron-core's TransformerConfig fields; only with --fp8-format."""
+    from megatron_lm2.training.config import parse_args
+
+    fp8 = COMMON + ["--bf16", "--fp8-format", "hybrid"]
+    default = parse_args(fp8, world_size=1).model_config()
+    assert (default.fp8_amax_history_len, default.fp8_amax_compute_algo) == (1024, "max")
+    given = parse_args(fp8 + ["--fp8-amax-history-len", "16", "--fp8-amax-compute-algo", "most_recent"],
+                       world_size=1).model_config()
+    assert (given.fp8, given.fp8_amax_history_len, given.fp8_amax_compute_algo) == ("hybrid", 16, "most_recent")
+    for extra in (["--fp8-amax-history-len", "16"], ["--fp8-amax-compute-algo", "max"]):
+        with pytest.raises(SystemExit):
+            parse_args(COMMON + extra, world_size=1)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{extra[0]} {extra[1]} needs --fp8-format" in error
+    with pytest.raises(SystemExit):
+        parse_args(fp8 + ["--fp8-amax-compute-algo", "mean"], world_size=1)
+
+
+PROFILE_RUN = ["--flavor", "debug", "--mock-data", "--num-layers", "1", "--seq-length", "32",
+               "--memory-chunk-size", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
+               "--train-iters", "4",
+               "--lr-warmup-iters", "1", "--log-interval", "2"]
+
+
+def _profiled_run(argv):
+    import torch.distributed as dist
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(argv, world_size=dist.get_world_size()))
+    trainer.run()
+    return trainer.profiler.path
+
+
+def test_profile_steps_write_a_chrome_trace(tmp_path):
+    """--profile-steps 2:4 (issue 34): steps 2 and 3 profiled on rank 0, one Chrome trace JSON."""
+    out = tmp_path / "profile"
+    path = run_distributed(_profiled_run, 1, PROFILE_RUN + ["--profile-steps", "2:4", "--profile-dir", str(out)])[0]
+    assert path == str(out / "trace_rank0_steps2-3.json") and os.listdir(out) == ["trace_rank0_steps2-3.json"]
+    with open(path) as handle:
+        trace = json.load(handle)
+    assert len(trace["traceEvents"]) >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile-steps", "3:2"], "--profile-steps '3:2': needs 1 <= A < B"),
+    (["--profile-steps", "x"], "--profile-steps 'x': expected A:B"),
+    (["--profile-steps", "0:2"], "--profile-steps '0:2': needs 1 <= A < B"),
+    (["--profile-steps", "1:2", "--profile-ranks", "0,a"], "--profile-ranks '0,a'"),
+    (["--profile-steps", "1:2", "--profile-ranks", "0,1"], "--profile-ranks 0,1: rank 1 is not in a world of 1"),
+    (["--profile-dir", "d"], "--profile-dir needs --profile-steps"),
+])
+def test_bad_profile_flags_are_one_line_errors(argv, message, capsys):
+    from megatron_lm2.training.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(PROFILE_RUN + argv, world_size=1)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error, error
+
+
+def test_profile_dir_defaults_under_save():
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.profiling import profile_dir
+
+    assert profile_dir(parse_args(PROFILE_RUN + ["--profile-steps", "1:2", "--save", "ck"], world_size=1)) \
+        == os.path.join("ck", "profile")
+    assert profile_dir(parse_args(PROFILE_RUN + ["--profile-steps", "1:2"], world_size=1)) \
+        == os.path.join("runs", "profile")
+
+
+def _straggler_run(argv):
+    import torch.distributed as dist
+
+    from megatron_lm2.training.config import parse_args
+    from megatron_lm2.training.trainer import Trainer
+
+    Trainer(parse_args(argv, world_size=dist.get_world_size())).run()
+
+
+def test_straggler_report_in_the_metrics_records(tmp_path):
+    """Every log interval the ranks' step times are gathered (issue 34): records carry
+    step_time_max / step_time_min / slowest_rank."""
+    metrics_file = tmp_path / "metrics.jsonl"
+    argv = [a for a in PROFILE_RUN]
+    argv[argv.index("--micro-batch-size") + 1] = "1"
+    run_distributed(_straggler_run, 2, argv + ["--metrics-file", str(metrics_file)])
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    for record in train:
+        assert record["slowest_rank"] in {0, 1}
+        assert 0 < record["step_time_min"] <= record["step_time_max"]
+        assert record["step_time_min"] <= record["step_time"] <= record["step_time_max"]  # rank 0 own
+
+
+def test_straggler_stats_and_line():
+    from megatron_lm2.training.metrics import straggler_stats, straggler_text
+
+    stats = straggler_stats([1.0, 3.0, 1.5, 1.2])
+    assert (stats["step_time_max"], stats["step_time_min"], stats["slowest_rank"]) == (3.0, 1.0, 1)
+    assert straggler_text(stats) == "slowest rank 1 3.00 s (2.22 of the median)"
+
+
 # ----------------------------------------------------------------------------------- data
 EOD = 1
 

@@ -31,6 +31,10 @@ from megatron_lm2.training import divergence
 
 DATALOADERS = ("megatron", "dali")
 FP8_FORMATS = ("hybrid", "e4m3")
+# Delayed scaling's amax window: Transformer Engine's DelayedScaling default (megatron-core's
+# TransformerConfig defaults to a window of 1, the current step's amax only).
+FP8_AMAX_HISTORY_LEN = 1024
+FP8_AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 # megatron-core's OptimizerParamScheduler styles; WSD = warmup, stable at --lr, then a decay over
 # the last --lr-wsd-decay-iters steps of --lr-decay-iters.
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
@@ -110,6 +114,13 @@ class TrainConfig(ModelFlags):
     fp8_recipe: str = _f("delayed", "FP8 scaling: delayed (amax history), tensorwise (current "
                          "scaling), blockwise (1x128 blocks, Hopper+)",
                          choices=("delayed", "tensorwise", "blockwise"), group="performance")
+    fp8_amax_history_len: Optional[int] = _f(
+        None, f"FP8 delayed scaling: steps of amax history the scale is computed from (default "
+        f"{FP8_AMAX_HISTORY_LEN}, Transformer Engine's; needs --fp8-format)", positive=True,
+        group="performance")
+    fp8_amax_compute_algo: Optional[str] = _f(
+        None, "FP8 delayed scaling: the amax taken from the history: max (default) or most_recent "
+        "(needs --fp8-format)", choices=FP8_AMAX_COMPUTE_ALGOS, group="performance")
     overlap_grad_reduce: str = _f("auto", "overlap the data-parallel gradient reduce-scatter with "
                                   "backward (auto: on GPUs)", choices=("auto", "on", "off"), group="performance")
     overlap_param_gather: str = _f("auto", "overlap the distributed optimizer's parameter all-gather with "
@@ -197,6 +208,13 @@ class TrainConfig(ModelFlags):
     wandb_run_name: Optional[str] = _f(None, "W&B run name", group="logging")
     metrics_file: Optional[str] = _f(None, "append one JSON line per log interval here "
                                      "(default: <save>/metrics.jsonl)", group="logging")
+    profile_steps: Optional[str] = _f(
+        None, "A:B: torch.profiler over steps A .. B-1 (CPU, and CUDA on GPUs), written as a Chrome "
+        "trace JSON into --profile-dir", group="logging")
+    profile_ranks: Optional[str] = _f(None, "--profile-steps: the ranks to profile, comma-separated "
+                                      "(default 0)", group="logging")
+    profile_dir: Optional[str] = _f(None, "--profile-steps: where the traces go (default "
+                                    "<save>/profile, or runs/profile without --save)", group="logging")
 
     # ---- dry run (megatron_lm2.training.plan)
     dry_run: bool = _f(False, "print the layout and launch command for --nodes x --gpus-per-node and "
@@ -247,6 +265,9 @@ class TrainConfig(ModelFlags):
                 f"--micro-batch-size {self.micro_batch_size}")
         if self.fp8_format and not self.bf16:
             raise ConfigError(f"--fp8-format {self.fp8_format} needs --bf16 (FP8 GEMMs with bf16 elsewhere)")
+        for name in ("fp8_amax_history_len", "fp8_amax_compute_algo"):
+            if getattr(self, name) is not None and not self.fp8_format:
+                raise ConfigError(f"{flag(name)} {getattr(self, name)} needs --fp8-format")
         sources = [bool(self.mock_data), bool(self.data_path), bool(self.blend_file)]
         if sum(sources) > 1 or (sum(sources) == 0 and not self.dry_run):
             raise ConfigError("give exactly one of --mock-data, --data-path, --blend-file")
@@ -269,6 +290,18 @@ class TrainConfig(ModelFlags):
             for name in ("recompute_method", "recompute_num_layers"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"{flag(name)} {getattr(self, name)} needs --recompute-granularity full")
+        if self.profile_steps is not None:
+            from megatron_lm2.training.profiling import parse_ranks, parse_steps
+
+            parse_steps(self.profile_steps)
+            if self.profile_ranks is not None:
+                ranks = parse_ranks(self.profile_ranks)
+                if world_size is not None and ranks[-1] >= world_size:
+                    raise ConfigError(f"--profile-ranks {self.profile_ranks}: rank {ranks[-1]} is not in "
+                                      f"a world of {world_size}")
+        elif self.profile_ranks is not None or self.profile_dir is not None:
+            raise ConfigError(("--profile-ranks" if self.profile_ranks is not None else "--profile-dir")
+                              + " needs --profile-steps A:B")
         if self.save_interval and not self.save:
             raise ConfigError("--save-interval needs --save DIR")
         if world_size is not None:
@@ -307,6 +340,11 @@ class TrainConfig(ModelFlags):
                 f"--recompute-num-layers {layers} does not divide the {per_chunk} layers of a model chunk "
                 f"(--recompute-method uniform; --num-layers {num_layers} / {chunks} pipeline chunks)")
         return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=layers)
+
+    def fp8_amax_fields(self) -> dict:
+        """megatron-core's delayed-scaling amax fields for --fp8-amax-* (their defaults: TE's)."""
+        return dict(fp8_amax_history_len=self.fp8_amax_history_len or FP8_AMAX_HISTORY_LEN,
+                    fp8_amax_compute_algo=self.fp8_amax_compute_algo or "max")
 
     def wsd_decay_iters(self) -> Optional[int]:
         """Steps of the WSD decay phase (None when not set)."""
@@ -355,7 +393,7 @@ class TrainConfig(ModelFlags):
         if self.bf16:
             overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
         if self.fp8_format:
-            overrides.update(fp8=self.fp8_format, fp8_recipe="delayed")
+            overrides.update(fp8=self.fp8_format, fp8_recipe="delayed", **self.fp8_amax_fields())
         if vpp:
             # Interleaving: Megatron-LM's default p2p mode. Batched p2p posts the send to the next
             # and to the previous stage on one channel; with PP=2 both peers are the same rank

@@ -78,6 +78,24 @@ def gate_groups(stats: Dict[int, Dict[str, float]], groups: int = 4) -> Dict[str
     return out
 
 
+def straggler_stats(step_times) -> dict:
+    """Each rank's mean step time over a log interval (index = rank) -> the metrics record's
+    step_time_max / step_time_min / slowest_rank, and step_time_median for the log line."""
+    import statistics
+
+    times = [float(t) for t in step_times]
+    slowest = max(range(len(times)), key=times.__getitem__)
+    return dict(step_time_max=times[slowest], step_time_min=min(times), slowest_rank=slowest,
+                step_time_median=statistics.median(times))
+
+
+def straggler_text(stats: dict) -> str:
+    """`slowest rank R x.xx s (x.xx of the median)`: the log line's straggler report."""
+    median = stats["step_time_median"]
+    ratio = stats["step_time_max"] / median if median > 0 else float("nan")
+    return f"slowest rank {stats['slowest_rank']} {stats['step_time_max']:.2f} s ({ratio:.2f} of the median)"
+
+
 def format_line(record: dict) -> str:
     parts = [
         f"step {record['step']}/{record['train_iters']}",

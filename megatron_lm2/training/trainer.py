@@ -45,6 +45,7 @@ from megatron_lm2.config import ConfigError, LM2Config
 from megatron_lm2.logs import get_logger, setup_logging
 from megatron_lm2.memory_state import gate_stats, record_gate_stats
 from megatron_lm2.training import checkpoint, data, metrics
+from megatron_lm2.training.profiling import StepProfiler
 from megatron_lm2.training.build import (
     build_model_chunks,
     build_optimizer,
@@ -125,6 +126,7 @@ class Trainer:
                                                 resumed_at=self.step if self.resumed_from else None)
         self.signals = ExitSignal(enabled=not train.no_save_on_signal)
         self.history: List[dict] = []  # per-step records (tests and plots read them)
+        self.profiler = StepProfiler(train, self.rank)  # --profile-steps
 
     # ------------------------------------------------------------------------ set-up
     def _iterators(self, dataset, consumed: int):
@@ -387,11 +389,13 @@ class Trainer:
                 started = time.perf_counter()
                 logged = (self.step + 1) % train.log_interval == 0 or self.step + 1 == train.train_iters
                 # Gate statistics cost a reduction per gate: only on the steps the log shows.
+                self.profiler.before_step(self.step + 1)
                 with record_gate_stats(self.model_chunks) if logged else contextlib.nullcontext():
                     result = self.train_step()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
+                self.profiler.after_step(self.step + 1)  # after the timing: writing is not the step
                 self.step += 1
                 self.consumed_samples += train.global_batch_size
                 if train.manual_gc_interval and self.step % train.manual_gc_interval == 0:
@@ -430,6 +434,7 @@ class Trainer:
             if train.manual_gc_interval and gc_was_enabled:
                 gc.enable()
             self.signals.restore()
+            self.profiler.close()  # a run stopped inside the window still writes its trace
             if self.writer is not None:
                 self.writer.close()
             self.close()
@@ -484,17 +489,21 @@ class Trainer:
     def _log_interval(self, record, seconds, steps, run_start, start_step) -> None:
         tokens = steps * self.train_config.global_batch_size * self.seq_length
         rates = metrics.throughput(tokens, seconds, self.world_size, self.flops_per_token, self.peak)
+        # One gather for the gate statistics and each rank's step time (the straggler report).
         per_rank = [None] * self.world_size
-        dist.all_gather_object(per_rank, gate_stats(self.model_chunks))
-        gates = metrics.gate_groups(metrics.merge_gate_stats(per_rank))
+        dist.all_gather_object(per_rank, (gate_stats(self.model_chunks), seconds / steps))
+        gates = metrics.gate_groups(metrics.merge_gate_stats([stats for stats, _ in per_rank]))
+        stragglers = metrics.straggler_stats([step_time for _, step_time in per_rank])
         done = self.step - start_step
         eta = (time.perf_counter() - run_start) / max(done, 1) * (self.train_config.train_iters - self.step)
         full = dict(record, train_iters=self.train_config.train_iters, skipped_steps=self.skipped_steps,
                     consumed_samples=self.consumed_samples, step_time=seconds / steps,
-                    memory_gates=gates, **rates)
+                    memory_gates=gates, **rates,
+                    **{k: v for k, v in stragglers.items() if k != "step_time_median"})
         full.pop("skipped")
         if self.rank == 0:
-            log.info(metrics.format_line(full) + f" | eta {_duration(eta)}")
+            straggler = f" | {metrics.straggler_text(stragglers)}" if self.world_size > 1 else ""
+            log.info(metrics.format_line(full) + straggler + f" | eta {_duration(eta)}")
             self.writer.write(full)
 
     def _log_eval(self) -> None:
