@@ -161,7 +161,7 @@ class TrainStep:
     def __init__(self, flavor: str, shape: dict, micro_batch: int, smoke: bool, fp8_recipe=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megatron_lm2.accounting import flops_per_token
+        from megatron_lm2.accounting import executed_attention_kernel, flops_per_token
         from megatron_lm2.training.build import (
             build_model_chunks,
             build_optimizer,
@@ -185,8 +185,9 @@ class TrainStep:
         self.forward_backward = get_forward_backward_func()
         self.info = dict(flavor=flavor, backend=self.backend, micro_batch=micro_batch, seq=seq,
                          dtype="fp8" if fp8_recipe else ("bf16" if config.bf16 else "fp32"), fp8_recipe=fp8_recipe,
-                         gflop_per_token=flops_per_token(config, kernel="te" if self.backend == "te" else "local",
-                                                         micro_batch_size=micro_batch) / 1e9)
+                         gflop_per_token=flops_per_token(
+                             config, micro_batch_size=micro_batch,
+                             kernel=executed_attention_kernel(self.backend, torch.cuda.is_available(), config)) / 1e9)
         self.step_extra = 0
         self.built_bytes = _allocated() - before
 

@@ -13,7 +13,9 @@ TFLOP/s and MFU and `lm2-flavors` use: the FLOPs the kernels of one training ste
   over all S keys (the causal mask or window is applied after them), backward 2x; "te"
   (Transformer Engine's causal flash attention, the GPU default): the (S+1)/2 keys the causal
   mask keeps on average, backward 2.5x (block-tiled kernels compute a little more on the
-  diagonal; not counted).
+  diagonal; not counted); the local spec's SDPA on CUDA counts as "te" with the plain causal
+  mask and as "sdpa_masked" (all S keys, backward 2.5x) with the window's mask
+  (executed_attention_kernel).
 - The memory as training runs it: chunk j's keys/values need a GEMM for j >= 1 (chunk 0's
   come from the weights: identity M_0, or one GEMM per micro-batch: learned M_0, and
   identity-signs with N > d), and the
@@ -89,8 +91,23 @@ def num_parameters(config: LM2Config) -> ParameterCount:
     return ParameterCount(embedding=embedding, decoder=decoder, memory=memory)
 
 
-ATTENTION_KERNELS = ("te", "local")
+ATTENTION_KERNELS = ("te", "local", "sdpa_masked")
 SDPA_BACKWARD = 2.5  # flash backward: scores recomputed, then dV, dP, dQ, dK
+
+
+def executed_attention_kernel(backend: str, cuda: bool, config: LM2Config) -> str:
+    """The self-attention kernel a training step runs: TE's causal flash attention; on CUDA the
+    local spec's SDPA (attention.py), flash ("te"'s count) for the plain causal mask and the
+    memory-efficient kernel over all keys for the window's mask ("sdpa_masked"); on CPU
+    megatron-core's unfused path ("local")."""
+    from megatron_lm2.attention import sdpa_enabled
+
+    if backend == "te":
+        return "te"
+    if cuda and sdpa_enabled():
+        window = config.attention_window
+        return "sdpa_masked" if window is not None and window < config.seq_length else "te"
+    return "local"
 
 
 def _memory_flops(config: LM2Config, seq_length: int, micro_batch_size: int) -> tuple[float, float]:
@@ -136,6 +153,8 @@ def attention_core_flops_per_token(config: LM2Config, seq_length: int | None = N
     per_key = 4 * config.num_attention_heads * _kv_channels(config)
     if kernel == "local":
         return 3.0 * per_key * seq
+    if kernel == "sdpa_masked":  # every key computed, the mask applied inside the kernel
+        return (1.0 + SDPA_BACKWARD) * per_key * seq
     window = min(config.attention_window or seq, seq)
     return (1.0 + SDPA_BACKWARD) * per_key * (window + 1) / 2
 

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_lm2.attention import SDPADotProductAttention
 from megatron_lm2.config import ConfigError, LM2Config
 from megatron_lm2.layer import LM2TransformerLayer, LM2TransformerLayerSubmodules
 from megatron_lm2.memory import LM2Memory, LM2MemorySubmodules
@@ -95,7 +96,10 @@ def _with_memory(base: ModuleSpec, norm, column, row) -> ModuleSpec:
 def get_gpt_layer_spec(config: LM2Config, backend: str = "local") -> ModuleSpec:
     """Megatron-core's GPT layer (no memory) for this config and backend."""
     if backend == "local":
-        return get_gpt_layer_local_spec(normalization=config.normalization)
+        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        # Self-attention through torch's SDPA on GPUs (attention.py); megatron-core's path on CPU.
+        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+        return spec
     if backend == "te":
         _te_modules()
         return get_gpt_layer_with_transformer_engine_spec()

@@ -38,7 +38,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lm2 import distributed
-from megatron_lm2.accounting import flops_per_token, num_parameters
+from megatron_lm2.accounting import executed_attention_kernel, flops_per_token, num_parameters
 from megatron_lm2.cli_errors import UserInputError
 from megatron_lm2.compat import device
 from megatron_lm2.config import ConfigError, LM2Config
@@ -110,11 +110,11 @@ class Trainer:
         self.train_set, self.valid_set = data.build_datasets(train, self.source, self.seq_length)
         self.train_iterators = self._iterators(self.train_set, self.consumed_samples)
 
-        # FLOPs as the kernels execute them: TE's flash attention skips the masked half of the
-        # causal scores, the local spec computes them all (accounting.flops_per_token).
+        # FLOPs as the kernels execute them: flash attention skips the masked half of the causal
+        # scores, the unfused CPU path computes them all (accounting.executed_attention_kernel).
         self.flops_per_token = flops_per_token(
-            self.model_config, kernel="te" if transformer_backend(train) == "te" else "local",
-            micro_batch_size=train.micro_batch_size)
+            self.model_config, micro_batch_size=train.micro_batch_size,
+            kernel=executed_attention_kernel(transformer_backend(train), torch.cuda.is_available(), self.model_config))
         self.peak = metrics.peak_tflops(
             metrics.device_name(), "fp8" if train.fp8_format else ("bf16" if train.bf16 else "fp32"))
         self.writer = None
