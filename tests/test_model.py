@@ -518,3 +518,25 @@ def test_lm2_flavors_prints_each_flavors_memory(capsys):
             assert cells[4:7] == [cfg.memory_write, f"N{cfg.memory_slots}", f"C{cfg.memory_chunk_size}"], name
         else:
             assert cells[4] == "-", name
+
+
+@pytest.mark.parametrize("name", ["lm2-1.7b", "lm2-1.7b-paper"])
+def test_gpu_settings_build_the_1p7b_local_model_on_meta(name):
+    """The 1.7B shape as a GPU without Apex or TE builds it (local spec, SDPA core attention,
+    the fused kernels a GPU turns on, bf16), on the meta device: it constructs, with the
+    parameter count of the accounting."""
+    from megatron_lm2.accounting import num_parameters
+    from megatron_lm2.attention import SDPADotProductAttention
+    from megatron_lm2.training.build import apply_runtime_settings, runtime_settings
+    from megatron_lm2.training.config import parse_args
+
+    train = parse_args(["--flavor", name, "--mock-data", "--bf16"], world_size=1)
+    settings = runtime_settings(train, "local", cuda=True, apex_wgrad=False, apex_softmax=False)
+    model_settings = {k: v for k, v in settings["model"].items() if k != "use_cpu_initialization"}
+    cfg = get_flavor(name, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    applied = apply_runtime_settings(cfg, dict(model=model_settings))
+    assert not applied.get("masked_softmax_fusion") and not applied.get("gradient_accumulation_fusion")
+    with torch.device("meta"):
+        model = build_model(cfg, backend="local")
+    assert sum(p.numel() for p in model.parameters()) == num_parameters(cfg).total
+    assert sum(isinstance(m, SDPADotProductAttention) for m in model.modules()) == cfg.num_layers
