@@ -362,15 +362,19 @@ def t_second_trainer(lab: Lab) -> Outcome:
         log.close()
 
 
+def _preprocess_one_document(lab: Lab, output: str, expect: str) -> Outcome:
+    src = lab.path("in.jsonl")
+    open(src, "w").write(json.dumps({"text": "a document"}) + "\n")
+    return run("megatron_lm2.preprocess.cli", ["--input", src, "--output", output, "--workers", "0", "--no-progress"],
+               expect)
+
+
 def t_second_preprocess(lab: Lab) -> Outcome:
     out = lab.path("held-output")
     os.makedirs(out)
     json.dump({"prog": "lm2-preprocess", "host": socket.gethostname(), "pid": os.getpid(), "since": "now",
                "token": "t"}, open(os.path.join(out, "lm2.lock"), "w"))
-    src = lab.path("in.jsonl")
-    open(src, "w").write(json.dumps({"text": "a document"}) + "\n")
-    return run("megatron_lm2.preprocess.cli", ["--input", src, "--output", out, "--workers", "0", "--no-progress"],
-               "is in use by lm2-preprocess")
+    return _preprocess_one_document(lab, out, "is in use by lm2-preprocess")
 
 
 t_second_preprocess.quick = True
@@ -379,10 +383,7 @@ t_second_preprocess.quick = True
 def t_preprocess_output_a_file(lab: Lab) -> Outcome:
     target = lab.path("out-file")
     open(target, "w").write("x")
-    src = lab.path("in2.jsonl")
-    open(src, "w").write(json.dumps({"text": "a document"}) + "\n")
-    return run("megatron_lm2.preprocess.cli", ["--input", src, "--output", target, "--workers", "0", "--no-progress"],
-               "--output")
+    return _preprocess_one_document(lab, target, "--output")
 
 
 t_preprocess_output_a_file.quick = True

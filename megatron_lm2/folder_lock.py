@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_lm2.cli_errors import UserInputError
 
@@ -209,3 +209,22 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_on_rank0(folder: str, prog: str, flag: str, rank: int, share: Callable[[object], object],
+                  warn: Callable[[str], None]) -> Optional[FolderLock]:
+    """Rank 0 takes the lock; `share(x)` returns rank 0's x on every rank (a broadcast, or the
+    identity in a world of one), so a refused run ends on all ranks with the same line and no
+    rank waits in a collective for one that left. The lock on rank 0, None elsewhere."""
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = FolderLock(folder, prog, flag).acquire()
+            if lock.took_over:
+                warn(f"{flag} {folder}: took over the lock of {lock.took_over}")
+        except FolderLockError as error:
+            problem = str(error)
+    problem = share(problem)
+    if problem is not None:
+        raise FolderLockError(problem)
+    return lock

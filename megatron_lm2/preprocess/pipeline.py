@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_lm2.folder_lock import FolderLock, FolderLockError
+from megatron_lm2.folder_lock import lock_on_rank0
 from megatron_lm2.preprocess import encode as encode_mod
 from megatron_lm2.preprocess.manifest import build_manifest, check_or_write_run, write_manifest
 from megatron_lm2.preprocess.readers import InputFile, discover_inputs, iter_tasks
@@ -116,30 +116,15 @@ def run(cfg: PreprocessConfig) -> tuple[dict | None, RankStats]:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 65500 else np.int32)
     files = discover_inputs(cfg.inputs, cfg.subsets)
     out_dir = Path(cfg.output)
-    lock = _lock_output(cfg.output, rank, comm)  # one writer per --output, before anything is written
+    # One writer per --output, before anything is written.
+    lock = lock_on_rank0(cfg.output, "lm2-preprocess", "--output", rank,
+                         share=(lambda x: comm.bcast(x, root=0)) if comm is not None and world > 1 else (lambda x: x),
+                         warn=lambda line: print(f"lm2-preprocess: warning: {line}", file=sys.stderr))
     try:
         return _run_locked(cfg, comm, rank, world, tokenizer, fast_name, fast_note, dtype, files, out_dir)
     finally:
         if lock is not None:
             lock.release()
-
-
-def _lock_output(output: str, rank: int, comm):
-    """Rank 0 takes the lock on --output; every rank learns the verdict (the same line on all)."""
-    lock, problem = None, None
-    if rank == 0:
-        try:
-            lock = FolderLock(output, "lm2-preprocess", "--output").acquire()
-            if lock.took_over:
-                print(f"lm2-preprocess: warning: --output {output}: took over the lock of {lock.took_over}",
-                      file=sys.stderr)
-        except FolderLockError as error:
-            problem = str(error)
-    if comm is not None and comm.Get_size() > 1:
-        problem = comm.bcast(problem, root=0)
-    if problem is not None:
-        raise FolderLockError(problem)
-    return lock
 
 
 def _run_locked(cfg, comm, rank, world, tokenizer, fast_name, fast_note, dtype, files, out_dir):

@@ -31,6 +31,7 @@ states. No memory-bank state: every training sequence starts from M_0 (see docs/
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -294,8 +295,6 @@ def _directory_bytes(path: str) -> int:
 
 
 def _out_of_space(error: Optional[BaseException]) -> bool:
-    import errno
-
     seen = 0
     while error is not None and seen < 20:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):

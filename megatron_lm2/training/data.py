@@ -35,10 +35,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_lm2.config import ConfigError, LM2Config
-from megatron_lm2.training.shard_check import check_shard_size, check_shards, read_index
 from megatron_lm2.flavors import get_flavor
 from megatron_lm2.model import padded_vocab_size
 from megatron_lm2.training.config import TrainConfig
+from megatron_lm2.training.shard_check import check_shard_size, check_shards, read_index
 
 
 @dataclass(frozen=True)
@@ -301,14 +301,12 @@ SPLIT_NAMES = ("training", "validation", "test")
 
 
 def check_splits(split: str, split_matrix, sizes, blend, seq_length: int) -> None:
-    """Every split the run draws samples from gets, in every shard of positive weight, at least
-    one document and one sequence's worth of tokens (seq_length + 1), counted from the .idx as
-    megatron-core will cut it (round(bound x documents)); otherwise megatron loops forever or
-    fails at some step. One line naming the shard, the split and the counts."""
-    prefixes, weights = blend
-    for k, prefix in enumerate(prefixes):
-        if weights is not None and weights[k] <= 0:
-            continue
+    """Every split the run draws samples from gets, in every shard of the blend (its weights are
+    all positive: check_weights), at least one document and one sequence's worth of tokens
+    (seq_length + 1), counted from the .idx as megatron-core will cut it (round(bound x
+    documents)); otherwise megatron loops forever or fails at some step. One line naming the
+    shard, the split and the counts."""
+    for prefix in blend[0]:
         index = read_index(prefix + ".idx")
         documents = len(index.document_indices) - 1
         for i, bounds in enumerate(split_matrix):

@@ -68,17 +68,17 @@ def read_index(path: str):
         logger.setLevel(level)
 
 
-def expected_bin_bytes(idx_path: str) -> int:
-    """The size PREFIX.bin must have, from its index: the last sequence's byte offset plus its
-    length in tokens times the token size."""
-    index = read_index(idx_path)
+def expected_bin_bytes(idx_path: str, index=None) -> int:
+    """The size PREFIX.bin must have, from its index (read here unless given): the last
+    sequence's byte offset plus its length in tokens times the token size."""
+    index = read_index(idx_path) if index is None else index
     if len(index.sequence_lengths) == 0:
         return 0
     return int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
 
 
-def _size_problem(prefix: str) -> Optional[str]:
-    expected, actual = expected_bin_bytes(prefix + ".idx"), os.path.getsize(prefix + ".bin")
+def _size_problem(prefix: str, index=None) -> Optional[str]:
+    expected, actual = expected_bin_bytes(prefix + ".idx", index), os.path.getsize(prefix + ".bin")
     if actual == expected:
         return None
     return (f"data shard {prefix}.bin: {actual} bytes, but its index {prefix}.idx describes {expected} "
@@ -123,11 +123,12 @@ def _stamp(prefix: str) -> dict:
 def _check_one(prefix: str, record: Optional[dict], cached: Optional[dict], vocab_size: int,
                progress) -> dict:
     """{'facts': {...}, 'problem': str or None, 'scanned': bytes read from the .bin}."""
-    problem = _size_problem(prefix)
+    index = read_index(prefix + ".idx")
+    problem = _size_problem(prefix, index)
     if problem:
         return {"problem": problem}
     actual = os.path.getsize(prefix + ".bin")
-    index = read_index(prefix + ".idx")
+    stamp = _stamp(prefix)
     documents, tokens = _counts(index)
     if tokens * index.dtype_size != actual:
         # The last entry alone matched the .bin's size; the lengths as a whole do not.
@@ -143,7 +144,7 @@ def _check_one(prefix: str, record: Optional[dict], cached: Optional[dict], voca
                                f"{record.get('tokens')} in the manifest): damaged, or rewritten without "
                                f"lm2-preprocess; re-run it"}
         max_id, source = int(record["max_id"]), "manifest"
-    elif cached is not None and cached.get("stamp") == _stamp(prefix):
+    elif cached is not None and cached.get("stamp") == stamp:
         max_id, source = int(cached["max_id"]), "scan cache"
     else:
         max_id, source = _scan_max_id(prefix, index.dtype, progress), "scan"
@@ -154,7 +155,7 @@ def _check_one(prefix: str, record: Optional[dict], cached: Optional[dict], voca
                            f"recorded {record['documents']} / {record['tokens']}; damaged or rebuilt "
                            f"without its manifest: re-run lm2-preprocess"}
     facts = {"documents": documents, "tokens": tokens, "max_id": max_id, "idx_sha256": digest,
-             "source": source, "stamp": _stamp(prefix)}
+             "source": source, "stamp": stamp}
     if max_id >= vocab_size:
         return {"facts": facts, "problem": (
             f"data shard {prefix}.bin: token id {max_id} is outside the model's vocabulary of {vocab_size} "

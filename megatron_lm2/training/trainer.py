@@ -55,7 +55,7 @@ from megatron_lm2.training.build import (
 from megatron_lm2.training.config import TrainConfig
 from megatron_lm2.training.divergence import DivergenceGuard
 from megatron_lm2.training.integrity import CheckpointError
-from megatron_lm2.folder_lock import FolderLock, FolderLockError
+from megatron_lm2.folder_lock import FolderLockError, lock_on_rank0
 from megatron_lm2.training.signals import ExitSignal, all_ranks
 
 log = get_logger(__name__)
@@ -80,7 +80,8 @@ class Trainer:
         setup_logging(self.rank)
         _check_parallel_state(train)
         # One writer per --save, taken before anything is built (folder_lock.py).
-        self.folder_lock = _lock_folder(train.save, self.rank) if train.save else None
+        self.folder_lock = (lock_on_rank0(train.save, "lm2-train", "--save", self.rank, _broadcast_from_rank0,
+                                          log.warning) if train.save else None)
         self.dp_size = train.data_parallel_size(self.world_size)
         self.num_microbatches = train.num_microbatches(self.world_size)
 
@@ -530,24 +531,12 @@ class Trainer:
                 f"{'mock' if self.source.blend is None else self.source.manifest}")
 
 
-def _lock_folder(folder: str, rank: int) -> Optional[FolderLock]:
-    """Global rank 0 takes the lock; every rank learns the verdict, so a refused run ends on all
-    ranks with the same line (and none waits in a collective for a rank that left)."""
-    lock, problem = None, None
-    if rank == 0:
-        try:
-            lock = FolderLock(folder, "lm2-train", "--save").acquire()
-            if lock.took_over:
-                log.warning(f"--save {folder}: took over the lock of {lock.took_over}")
-        except FolderLockError as error:
-            problem = str(error)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
-    if problem is not None:
-        raise FolderLockError(problem)
-    return lock
+def _broadcast_from_rank0(value):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _check_parallel_state(train: TrainConfig) -> None:
